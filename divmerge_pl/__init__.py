@@ -1,0 +1,28 @@
+"""DivMerge: merge fine-tuned experts by learning task-vector coefficients that keep the
+merged model's outputs close (Jensen-Shannon) to each expert's on that task's own inputs."""
+
+from .callbacks import MergedModelExport
+from .coefficients import CoefficientLayout, build_layout, initial_coefficients
+from .data import MergeDataModule, TaskSpec
+from .divergences import OBJECTIVES, entropy, js_divergence, kl_divergence, masked_mean
+from .experts import ExpertMismatchError, load_experts
+from .merged import merge_tensors
+from .module import DivMergeModule
+
+__all__ = [
+    "OBJECTIVES",
+    "CoefficientLayout",
+    "DivMergeModule",
+    "ExpertMismatchError",
+    "MergeDataModule",
+    "MergedModelExport",
+    "TaskSpec",
+    "build_layout",
+    "entropy",
+    "initial_coefficients",
+    "js_divergence",
+    "kl_divergence",
+    "load_experts",
+    "masked_mean",
+    "merge_tensors",
+]

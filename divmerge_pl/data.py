@@ -1,0 +1,219 @@
+"""Unlabelled mixed-task inputs for the merge, and labelled eval splits for the report.
+
+Every row carries its task id and a row id: the task id says which expert it is scored
+against, the row id finds that expert's cached outputs (teachers are computed once, by the
+module, not by the data pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset, concatenate_datasets, load_dataset
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class TaskSpec:
+    """One task: its name (a key of ``model.experts``), its files and which fields to read."""
+
+    name: str
+    train_files: str | list[str]
+    """Inputs for the merge (csv, json, jsonl or parquet); any label column is ignored."""
+    eval_files: str | list[str] | None = None
+    """Labelled rows for the report; without them the task gets no score."""
+    text_fields: list[str] = field(default_factory=lambda: ["text"])
+    """One field, or two for pairs (premise / hypothesis)."""
+    label_field: str | None = "label"
+    """Integer class ids, read from ``eval_files`` only (never used by the loss)."""
+    num_samples: int = 200
+    """Unlabelled inputs used for the merge (the paper uses 200-400 per task)."""
+    eval_samples: int | None = None
+    """Cap on eval rows (None: all)."""
+
+
+def _as_list(files: str | list[str]) -> list[str]:
+    return [files] if isinstance(files, str) else list(files)
+
+
+def read_rows(task: str, files: str | list[str], columns: list[str]) -> Dataset:
+    """Read data files with ``datasets``; the error names the task, the file and the column."""
+    paths = [Path(f).expanduser() for f in _as_list(files)]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"task {task!r}: data file {str(path)!r} does not exist")
+    suffixes = {p.suffix.lower() for p in paths}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in _BUILDERS:
+        raise ValueError(
+            f"task {task!r}: data files {[str(p) for p in paths]} must all be one of "
+            f"{', '.join(_BUILDERS)}"
+        )
+    builder = _BUILDERS[suffixes.pop()]
+    rows = load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+    for column in columns:
+        if column not in rows.column_names:
+            raise ValueError(
+                f"task {task!r}: field {column!r} not found in {[str(p) for p in paths]}; "
+                f"columns there: {rows.column_names}"
+            )
+    if len(rows) == 0:
+        raise ValueError(f"task {task!r}: {[str(p) for p in paths]} hold no rows")
+    return rows
+
+
+class MergeDataModule(L.LightningDataModule):
+    """Serves batches that mix tasks at random (about ``batch_size / num_tasks`` rows each)."""
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        tokenizer: str | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        max_length: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            tasks: the tasks, each matching an expert of the model by name.
+            tokenizer: folder of the tokenizer (the CLI links it to ``model.base``).
+            batch_size: rows per optimisation step, all tasks together (paper: 4 x tasks).
+            eval_batch_size: rows per evaluation step.
+            max_length: inputs are truncated to this many tokens.
+            num_workers: DataLoader workers.
+            seed: which ``num_samples`` rows are drawn from each task's files.
+        """
+        super().__init__()
+        if not tasks:
+            raise ValueError("data.tasks is empty: give at least one task")
+        names = [t.name for t in tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"data.tasks: task name {duplicates[0]!r} appears more than once")
+        for task in tasks:
+            if task.num_samples <= 0:
+                raise ValueError(
+                    f"task {task.name!r}: num_samples must be a positive integer, "
+                    f"got {task.num_samples}"
+                )
+            if not 1 <= len(task.text_fields) <= 2:
+                raise ValueError(
+                    f"task {task.name!r}: text_fields takes one or two fields, "
+                    f"got {task.text_fields}"
+                )
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.tasks = list(tasks)
+        self.tokenizer_path = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = None
+        self.train_rows: Dataset | None = None
+        self.eval_rows: Dataset | None = None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def setup(self, stage: str) -> None:
+        if self.train_rows is not None:
+            return
+        if self.tokenizer_path is None:
+            raise ValueError("data.tokenizer is not set: give the base model's folder")
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(self.tokenizer_path).expanduser())
+        train_parts, eval_parts = [], []
+        for task_id, task in enumerate(self.tasks):
+            rows = read_rows(task.name, task.train_files, task.text_fields)
+            if len(rows) < task.num_samples:
+                log.warning(
+                    "task %r: %d rows asked for but the files hold %d; using all of them",
+                    task.name, task.num_samples, len(rows),
+                )
+            rows = rows.shuffle(seed=self.seed).select(range(min(task.num_samples, len(rows))))
+            train_parts.append(self._encode(rows, task, task_id, with_labels=False))
+            if task.eval_files is not None:
+                if task.label_field is None:
+                    raise ValueError(f"task {task.name!r}: eval_files given but no label_field")
+                columns = [*task.text_fields, task.label_field]
+                rows = read_rows(task.name, task.eval_files, columns)
+                if task.eval_samples is not None:
+                    rows = rows.select(range(min(task.eval_samples, len(rows))))
+                eval_parts.append(self._encode(rows, task, task_id, with_labels=True))
+        self.train_rows = _with_row_ids(concatenate_datasets(train_parts))
+        self.eval_rows = _with_row_ids(concatenate_datasets(eval_parts)) if eval_parts else None
+
+    def _encode(self, rows: Dataset, task: TaskSpec, task_id: int, with_labels: bool) -> Dataset:
+        def encode(batch: dict[str, list]) -> dict[str, Any]:
+            texts = [[str(x) if x is not None else "" for x in batch[f]] for f in task.text_fields]
+            encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+            out = {k: encoded[k] for k in MODEL_INPUTS if k in encoded}
+            out["task_id"] = [task_id] * len(texts[0])
+            if with_labels:
+                out["labels"] = [_as_label(task.name, v) for v in batch[task.label_field]]
+            return out
+
+        return rows.map(
+            encode, batched=True, remove_columns=rows.column_names, desc=f"tokenising {task.name}"
+        )
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad model inputs; carry ``task_id``, ``row_id`` (and ``labels``) alongside."""
+        inputs = [{k: r[k] for k in MODEL_INPUTS if k in r} for r in rows]
+        batch = dict(self.tokenizer.pad(inputs, return_tensors="pt"))
+        for key in ("task_id", "row_id", "labels"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_rows,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def ordered_dataloader(self, rows: Dataset) -> DataLoader:
+        """All of ``rows`` in order: for teacher outputs and evaluation."""
+        return DataLoader(
+            rows,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.eval_rows is None else self.ordered_dataloader(self.eval_rows)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+
+def _with_row_ids(rows: Dataset) -> Dataset:
+    return rows.add_column("row_id", list(range(len(rows))))
+
+
+def _as_label(task: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"task {task!r}: eval label {value!r} is not an integer class id; "
+            "map labels to 0..K-1 in the eval files"
+        )
+    return value

@@ -1,0 +1,70 @@
+"""Divergences between output distributions, as pure functions over log-probabilities.
+
+Every function takes log-probabilities over the last dimension (classes or vocabulary) and
+returns one value per leading position (no reduction), so callers decide how positions are
+averaged (rows of a task, answer tokens of a sample). Zero probabilities (log-prob ``-inf``,
+e.g. padded classes) are safe: their terms are exactly 0 and gradients stay finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+# exp(LOG_FLOOR) underflows to 0 in fp32/bf16/fp16, so clamping changes no probability, but it
+# turns -inf into a finite number: no inf - inf = nan in the values or in the gradients.
+LOG_FLOOR = -1.0e4
+
+
+def _finite(logp: Tensor) -> Tensor:
+    return logp.clamp_min(LOG_FLOOR)
+
+
+def kl_divergence(ref_logp: Tensor, logq: Tensor) -> Tensor:
+    """Forward KL(P || Q) with P the reference (the expert): mode-covering, the paper's variant."""
+    ref_logp, logq = _finite(ref_logp), _finite(logq)
+    return (ref_logp.exp() * (ref_logp - logq)).sum(-1)
+
+
+def js_divergence(logp: Tensor, logq: Tensor) -> Tensor:
+    """Jensen-Shannon divergence, in nats: symmetric and bounded by log 2 (DivMerge's default)."""
+    logp, logq = _finite(logp), _finite(logq)
+    log_m = torch.logaddexp(logp, logq) - math.log(2.0)
+    p, q = logp.exp(), logq.exp()
+    return 0.5 * ((p * (logp - log_m)).sum(-1) + (q * (logq - log_m)).sum(-1))
+
+
+def entropy(_ref_logp: Tensor | None, logq: Tensor) -> Tensor:
+    """Shannon entropy of Q: AdaMerging's label-free objective (the reference is ignored)."""
+    logq = _finite(logq)
+    return -(logq.exp() * logq).sum(-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over the positions where ``mask`` is true (all positions when no mask)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+Objective = Callable[[Tensor | None, Tensor], Tensor]
+
+OBJECTIVES: dict[str, Objective] = {
+    "js": js_divergence,
+    "kl": kl_divergence,
+    "entropy": entropy,
+}
+"""Objective name (as in configs) -> function(expert_logp, merged_logp) -> per-position value."""
+
+
+def get_objective(name: str) -> Objective:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown objective {name!r}: choose one of {', '.join(sorted(OBJECTIVES))}"
+        ) from None

@@ -1,0 +1,198 @@
+"""Load a base model and its experts from Hugging Face folders, check they fit, fingerprint them.
+
+Everything here runs before any optimisation, so a wrong path or an expert of another
+architecture fails in seconds with the expert and the tensor named, not after an hour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import logging as hf_logging
+
+log = logging.getLogger(__name__)
+
+TaskKind = Literal["sequence_classification"]
+
+_KIND_SUFFIX: dict[str, TaskKind] = {"ForSequenceClassification": "sequence_classification"}
+_KIND_CLASS = {"sequence_classification": AutoModelForSequenceClassification}
+
+
+class ExpertMismatchError(ValueError):
+    """The base and the experts cannot be merged (names the expert and the tensor)."""
+
+
+def resolve_model_dir(path: str, role: str) -> Path:
+    """Expand ``~`` and check the folder holds a Hugging Face model, naming ``role`` if not."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{role}: model folder {str(folder)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{role}: {str(folder)!r} is not a Hugging Face model folder (no config.json); "
+            "give a folder written by save_pretrained"
+        )
+    return folder
+
+
+def detect_kind(name: str, config: PretrainedConfig) -> TaskKind:
+    """The task kind follows from the expert's ``architectures``, so configs need no extra key."""
+    for arch in config.architectures or []:
+        for suffix, kind in _KIND_SUFFIX.items():
+            if arch.endswith(suffix):
+                return kind
+    raise ExpertMismatchError(
+        f"expert {name!r}: architectures {config.architectures} is not supported; "
+        f"expected a model ending in one of {sorted(_KIND_SUFFIX)}"
+    )
+
+
+def fingerprint(state: dict[str, Tensor]) -> str:
+    """A content hash of named tensors: caches and checkpoints are keyed by what the weights are."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedExperts:
+    """What merging needs, with each expert kept as a task vector rather than a model copy."""
+
+    kind: TaskKind
+    skeleton: torch.nn.Module  # the base weights (theta0) in the experts' architecture
+    tasks: tuple[str, ...]
+    task_vectors: dict[str, Tensor]  # tensor name -> [num_tasks, *shape]; only tensors that differ
+    heads: dict[str, dict[str, Tensor]]  # task -> its own head tensors (kept, never merged)
+    configs: dict[str, PretrainedConfig]  # task -> its expert's config (labels, head size)
+    paths: dict[str, Path]  # "base" and every task -> folder
+    fingerprints: dict[str, str]  # "base" and every task -> content hash
+
+
+def head_names(model: torch.nn.Module, kind: TaskKind) -> set[str]:
+    """Per-task head tensors: everything outside the shared backbone (``base_model_prefix``)."""
+    if kind != "sequence_classification":
+        return set()
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
+
+
+def _load(cls, folder: Path, role: str, **kwargs):
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # we report missing tensors ourselves, precisely
+    try:
+        model, info = cls.from_pretrained(
+            folder, dtype=torch.float32, output_loading_info=True, **kwargs
+        )
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ExpertMismatchError(f"{role}: cannot load {str(folder)!r}: {err}") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.eval(), info
+
+
+def _check_dtypes(configs: dict[str, PretrainedConfig]) -> None:
+    stored = {name: str(getattr(cfg, "dtype", None) or "float32") for name, cfg in configs.items()}
+    if len(set(stored.values())) > 1:
+        warnings.warn(
+            f"experts were saved in different dtypes ({stored}); all are upcast to float32 "
+            "for merging",
+            stacklevel=3,
+        )
+
+
+def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
+    """Load ``base`` and ``experts`` and check, before any training, that they can be merged."""
+    if not experts:
+        raise ValueError("model.experts is empty: give at least one {task_name: expert_folder}")
+    paths = {"base": resolve_model_dir(base, "model.base")}
+    paths.update({t: resolve_model_dir(p, f"expert {t!r}") for t, p in experts.items()})
+    configs = {t: AutoConfig.from_pretrained(paths[t]) for t in experts}
+    tasks = tuple(experts)
+    first = tasks[0]
+    kind = detect_kind(first, configs[first])
+    for task in tasks[1:]:
+        cfg, ref = configs[task], configs[first]
+        if cfg.model_type != ref.model_type or detect_kind(task, cfg) != kind:
+            raise ExpertMismatchError(
+                f"expert {task!r} is a {cfg.model_type} {cfg.architectures} but expert {first!r} "
+                f"is a {ref.model_type} {ref.architectures}: experts must share one architecture"
+            )
+    _check_dtypes({"base": AutoConfig.from_pretrained(paths["base"]), **configs})
+    cls = _KIND_CLASS[kind]
+
+    # The base in the experts' architecture: its backbone is theta0, its own head is unused.
+    skeleton, info = _load(cls, paths["base"], "model.base", config=configs[first])
+    heads = head_names(skeleton, kind)
+    base_state = {n: p.detach() for n, p in skeleton.named_parameters()}
+    missing = sorted(n for n in info["missing_keys"] if n not in heads)
+    if missing:
+        raise ExpertMismatchError(
+            f"model.base {str(paths['base'])!r} lacks tensor {missing[0]!r} "
+            f"({len(missing)} missing in all) that the experts' architecture needs"
+        )
+    for param in skeleton.parameters():
+        param.requires_grad_(False)
+
+    vectors: dict[str, list[Tensor]] = {n: [] for n in base_state if n not in heads}
+    task_heads: dict[str, dict[str, Tensor]] = {}
+    fingerprints = {"base": fingerprint({n: base_state[n] for n in vectors})}
+    for task in tasks:
+        model, info = _load(cls, paths[task], f"expert {task!r}")
+        if info["missing_keys"]:
+            raise ExpertMismatchError(
+                f"expert {task!r}: tensor {sorted(info['missing_keys'])[0]!r} is missing from "
+                f"{str(paths[task])!r} (it would be randomly initialised)"
+            )
+        state = {n: p.detach() for n, p in model.named_parameters()}
+        _check_tensors(task, state, base_state, heads)
+        for name, column in vectors.items():
+            column.append(state[name] - base_state[name])
+        task_heads[task] = {n: state[n] for n in heads}
+        fingerprints[task] = fingerprint(state)
+        del model, state
+
+    task_vectors = {
+        name: torch.stack(column) for name, column in vectors.items() if any(v.any() for v in column)
+    }
+    return LoadedExperts(
+        kind=kind,
+        skeleton=skeleton,
+        tasks=tasks,
+        task_vectors=task_vectors,
+        heads=task_heads,
+        configs=configs,
+        paths=paths,
+        fingerprints=fingerprints,
+    )
+
+
+def _check_tensors(
+    task: str, state: dict[str, Tensor], base_state: dict[str, Tensor], heads: set[str]
+) -> None:
+    extra = sorted(set(state) - set(base_state))
+    if extra:
+        raise ExpertMismatchError(
+            f"expert {task!r} has tensor {extra[0]!r} that the base model does not have"
+        )
+    lacking = sorted(set(base_state) - set(state))
+    if lacking:
+        raise ExpertMismatchError(f"expert {task!r} lacks tensor {lacking[0]!r} of the base model")
+    for name, ref in base_state.items():
+        if name in heads:
+            continue
+        if state[name].shape != ref.shape:
+            raise ExpertMismatchError(
+                f"expert {task!r}: tensor {name!r} has shape {tuple(state[name].shape)} "
+                f"but the base has {tuple(ref.shape)}"
+            )

@@ -1,0 +1,368 @@
+"""DivMergeModule: frozen experts, learnable merge coefficients, the divergence objective.
+
+The only trainable state is Gamma [tasks x groups]. Experts are loaded in ``setup`` (after
+``prepare_data``, so a datamodule may build them first) and are never written to checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
+from .data import MODEL_INPUTS, MergeDataModule
+from .divergences import get_objective, masked_mean
+from .experts import LoadedExperts, load_experts
+from .merged import build_model, expert_tensors, forward_logits, merge_tensors
+from .metrics import TaskScores, build_report
+from .teachers import DEFAULT_CACHE, TeacherCache, cache_key, compute_logprobs, token_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class FrozenExperts(nn.Module):
+    """Base weights plus stacked task vectors and per-task heads: moved with the module,
+    never trained, never checkpointed (a requeued job writes kilobytes, not the model)."""
+
+    def __init__(self, loaded: LoadedExperts) -> None:
+        super().__init__()
+        self.kind = loaded.kind
+        self.tasks = loaded.tasks
+        self.configs = loaded.configs
+        self.paths = loaded.paths
+        self.fingerprints = loaded.fingerprints
+        self.skeleton = loaded.skeleton
+        self.names = list(loaded.task_vectors)
+        for i, stacked in enumerate(loaded.task_vectors.values()):
+            self.register_buffer(f"tau_{i}", stacked, persistent=False)
+        self.head_names = [list(h) for h in loaded.heads.values()]
+        for t, head in enumerate(loaded.heads.values()):
+            for j, tensor in enumerate(head.values()):
+                self.register_buffer(f"head_{t}_{j}", tensor, persistent=False)
+        self.register_state_dict_post_hook(_drop_own_keys)
+        self.register_load_state_dict_post_hook(_forget_own_missing_keys)
+
+    def train(self, mode: bool = True) -> FrozenExperts:
+        return super().train(False)  # teachers were computed without dropout: so is the merge
+
+    def base_tensors(self) -> dict[str, Tensor]:
+        params = dict(self.skeleton.named_parameters())
+        return {name: params[name] for name in self.names}
+
+    def task_vectors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, f"tau_{i}") for i, name in enumerate(self.names)}
+
+    def head(self, task_index: int) -> dict[str, Tensor]:
+        return {
+            name: getattr(self, f"head_{task_index}_{j}")
+            for j, name in enumerate(self.head_names[task_index])
+        }
+
+    def num_classes(self, task_index: int) -> int:
+        return int(self.configs[self.tasks[task_index]].num_labels)
+
+
+def _drop_own_keys(module: nn.Module, state: dict, prefix: str, _meta: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+
+
+def _forget_own_missing_keys(module: nn.Module, incompatible: Any) -> None:
+    own = {f"skeleton.{n}" for n in module.skeleton.state_dict()}
+    incompatible.missing_keys[:] = [
+        k for k in incompatible.missing_keys if not any(k.endswith(o) for o in own)
+    ]
+
+
+class DivMergeModule(L.LightningModule):
+    """Learns merge coefficients so the merged model matches each expert on its own inputs."""
+
+    def __init__(
+        self,
+        base: str,
+        experts: dict[str, str],
+        objective: str = "js",
+        granularity: Granularity = "layer",
+        block_pattern: str = DEFAULT_BLOCK_PATTERN,
+        lr: float = 1e-2,
+        init: float | None = None,
+        teacher_cache: str | None = str(DEFAULT_CACHE),
+    ) -> None:
+        """
+        Args:
+            base: folder of the pretrained model the experts were fine-tuned from.
+            experts: task name -> folder of that task's fine-tuned expert.
+            objective: ``js`` (Jensen-Shannon, the paper's), ``kl`` (forward KL, expert as
+                reference) or ``entropy`` (AdaMerging: the merged model's entropy, no teacher).
+            granularity: ``task`` (one coefficient per task), ``layer`` (one per task per
+                parameter tensor) or ``block`` (one per task per ``block_pattern`` match).
+            block_pattern: regex naming a tensor's block, for ``granularity: block``.
+            lr: Adam's learning rate (paper: 1e-2).
+            init: starting value of every coefficient; None means 1/N (0.5 for two tasks).
+            teacher_cache: folder caching expert outputs across runs; None to disable.
+        """
+        super().__init__()
+        get_objective(objective)
+        if granularity not in ("task", "layer", "block"):
+            raise ValueError(f"granularity {granularity!r}: choose one of task, layer, block")
+        if not experts:
+            raise ValueError("model.experts is empty: give at least one {task_name: folder}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be positive, got {lr}")
+        self.save_hyperparameters()
+        self.objective = get_objective(objective)
+        self.frozen: FrozenExperts | None = None
+        self.coefficients: nn.Parameter | None = None
+        self.layout = None
+        self.val_scores: TaskScores | None = None
+        self.expert_scores: dict[str, float] = {}
+        self.last_merged_scores: tuple[int, dict[str, float]] | None = None
+        self._teachers_ready = False
+        self._eval_tensors: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.hparams.experts)
+
+    def setup(self, stage: str) -> None:
+        self._datamodule()  # task names checked before any model is loaded
+        self.load_experts()
+
+    def load_experts(self) -> None:
+        """Load and check base and experts, and create Gamma (idempotent)."""
+        if self.frozen is not None:
+            return
+        loaded = load_experts(self.hparams.base, dict(self.hparams.experts))
+        self.frozen = FrozenExperts(loaded)
+        self.layout = build_layout(
+            self.frozen.names, self.hparams.granularity, self.hparams.block_pattern
+        )
+        self.coefficients = nn.Parameter(
+            initial_coefficients(len(self.tasks), self.layout.num_groups, self.hparams.init)
+        )
+        self.val_scores = TaskScores([self.frozen.num_classes(t) for t in range(len(self.tasks))])
+        merged = sum(v[0].numel() for v in loaded.task_vectors.values())
+        total = sum(p.numel() for p in self.frozen.skeleton.parameters())
+        rank_zero_info(
+            f"DivMerge: {len(self.tasks)} experts ({loaded.kind}); merging "
+            f"{len(self.frozen.names)} tensors ({merged / 1e6:.2f}M of {total / 1e6:.2f}M "
+            f"parameters; tensors equal in base and every expert stay the base's), "
+            f"{self.layout.num_groups} coefficient group(s) per task ({self.hparams.granularity})"
+        )
+
+    def _datamodule(self) -> MergeDataModule:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not isinstance(dm, MergeDataModule):
+            raise TypeError(
+                "DivMergeModule needs a MergeDataModule (its rows carry task and row ids); "
+                f"got {type(dm).__name__}"
+            )
+        missing = [t for t in self.tasks if t not in dm.task_names]
+        extra = [t for t in dm.task_names if t not in self.tasks]
+        if missing or extra:
+            raise ValueError(
+                f"tasks and experts differ: experts without a task {missing}, "
+                f"tasks without an expert {extra}; model.experts keys must equal data.tasks names"
+            )
+        return dm
+
+    def on_fit_start(self) -> None:
+        self.prepare_teachers()
+
+    def on_validation_start(self) -> None:
+        self.prepare_teachers()
+
+    def on_test_start(self) -> None:
+        self.prepare_teachers()
+
+    def prepare_teachers(self) -> None:
+        """Compute (or load from cache) every expert's outputs on its own task's rows, once."""
+        if self._teachers_ready:
+            return
+        dm = self._datamodule()
+        order = [self.tasks.index(name) for name in dm.task_names]
+        self.register_buffer("task_map", torch.tensor(order, device=self.device), persistent=False)
+        max_classes = max(self.frozen.num_classes(t) for t in range(len(self.tasks)))
+        teacher = torch.full((len(dm.train_rows), max_classes), float("-inf"))
+        cache = TeacherCache(self.hparams.teacher_cache)
+        scores = TaskScores([self.frozen.num_classes(t) for t in range(len(self.tasks))], False)
+        for dm_id, name in enumerate(dm.task_names):
+            t = order[dm_id]
+            train = _rows_of(dm.train_rows, dm_id)
+            evals = _rows_of(dm.eval_rows, dm_id) if dm.eval_rows is not None else None
+            key = cache_key(
+                self.frozen.fingerprints[name],
+                token_fingerprint(train["input_ids"]),
+                token_fingerprint(evals["input_ids"]) if evals is not None else "-",
+            )
+            outputs = cache.load(key)
+            if outputs is None:
+                outputs = {"train": self._expert_logprobs(t, dm, train, f"expert {name}: inputs")}
+                if evals is not None:
+                    outputs["eval"] = self._expert_logprobs(t, dm, evals, f"expert {name}: eval")
+                if self.trainer.is_global_zero:
+                    cache.save(key, outputs)
+            k = self.frozen.num_classes(t)
+            teacher[torch.tensor(train["row_id"]), :k] = outputs["train"]
+            if evals is not None and "eval" in outputs:
+                scores.update(t, outputs["eval"], torch.tensor(evals["labels"]))
+        self.register_buffer("teacher_logprobs", teacher.to(self.device), persistent=False)
+        self.expert_scores = {self.tasks[i]: s for i, s in scores.compute().items()}
+        self._teachers_ready = True
+
+    def _expert_logprobs(self, t: int, dm: MergeDataModule, rows: Dataset, desc: str) -> Tensor:
+        tensors = {
+            **expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t),
+            **self.frozen.head(t),
+        }
+
+        def forward(batch: dict[str, Tensor]) -> Tensor:
+            inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
+            return forward_logits(self.frozen.skeleton, tensors, inputs)
+
+        show = self.trainer.is_global_zero
+        return compute_logprobs(forward, dm.ordered_dataloader(rows), desc, show)
+
+    # ------------------------------------------------------------------ the merge
+    def merged_tensors(self) -> dict[str, Tensor]:
+        """Merged backbone tensors at the current coefficients (differentiable in Gamma)."""
+        return merge_tensors(
+            self.frozen.base_tensors(), self.frozen.task_vectors(), self.coefficients, self.layout
+        )
+
+    def _task_rows(self, batch: dict[str, Tensor]):
+        task_ids = self.task_map[batch["task_id"]]
+        for t in task_ids.unique().tolist():
+            yield t, task_ids == t
+
+    def _task_logits(
+        self, t: int, merged: dict[str, Tensor], batch: dict[str, Tensor], rows: Tensor
+    ) -> Tensor:
+        inputs = {k: batch[k][rows] for k in MODEL_INPUTS if k in batch}
+        return forward_logits(self.frozen.skeleton, {**merged, **self.frozen.head(t)}, inputs)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        merged = self.merged_tensors()
+        total = torch.zeros((), device=self.device)
+        name = self.hparams.objective
+        for t, rows in self._task_rows(batch):
+            logq = torch.log_softmax(self._task_logits(t, merged, batch, rows).float(), dim=-1)
+            logp = self.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
+            value = masked_mean(self.objective(logp, logq))
+            self.log(f"train/{name}/{self.tasks[t]}", value, batch_size=int(rows.sum()))
+            total = total + value
+        self.log("train/loss", total, prog_bar=True, batch_size=len(batch["task_id"]))
+        return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        gamma = self.coefficients.detach()
+        for t, task in enumerate(self.tasks):
+            self.log(f"coef/{task}/mean", gamma[t].mean())
+            if gamma.shape[1] > 1:
+                self.log(f"coef/{task}/min", gamma[t].min())
+                self.log(f"coef/{task}/max", gamma[t].max())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.coefficients], lr=self.hparams.lr)
+
+    # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        with torch.no_grad():
+            self._eval_tensors = self.merged_tensors()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._score_batch(batch, self.val_scores)
+
+    def _score_batch(self, batch: dict[str, Tensor], scores: TaskScores) -> None:
+        for t, rows in self._task_rows(batch):
+            logits = self._task_logits(t, self._eval_tensors, batch, rows)
+            scores.update(t, logits, batch["labels"][rows])
+
+    def on_validation_epoch_end(self) -> None:
+        merged = {self.tasks[i]: s for i, s in self.val_scores.compute().items()}
+        self.val_scores.reset()
+        self._eval_tensors = None
+        report = build_report(self.expert_scores, merged, TaskScores.metric_name)
+        for task, row in report["tasks"].items():
+            self.log(f"val/{task}/{report['metric']}", row["merged"])
+            self.log(f"val/{task}/normalized", row["normalized"])
+        if report["tasks"]:
+            self.log("val/normalized", report["average"]["normalized"], prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.last_merged_scores = (self.trainer.global_step, merged)
+
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The report at the current coefficients: reuses the last validation when it was run
+        at this very step, else scores the merged model on every eval row (this process only)."""
+        step = self.trainer.global_step
+        if self.last_merged_scores is not None and self.last_merged_scores[0] == step:
+            merged = self.last_merged_scores[1]
+        else:
+            dm = self._datamodule()
+            merged = {}
+            if dm.eval_rows is not None:
+                scores = TaskScores(
+                    [self.frozen.num_classes(t) for t in range(len(self.tasks))], False
+                ).to(self.device)
+                self._eval_tensors = self.merged_tensors()
+                for batch in dm.ordered_dataloader(dm.eval_rows):
+                    self._score_batch({k: v.to(self.device) for k, v in batch.items()}, scores)
+                self._eval_tensors = None
+                merged = {self.tasks[i]: s for i, s in scores.compute().items()}
+        return build_report(self.expert_scores, merged, TaskScores.metric_name)
+
+    # ------------------------------------------------------------------ outputs
+    def coefficient_table(self) -> dict:
+        """What ``coefficients.json`` holds: one row per task, one column per group."""
+        return {
+            "objective": self.hparams.objective,
+            "granularity": self.hparams.granularity,
+            "tasks": list(self.tasks),
+            "groups": list(self.layout.groups),
+            "values": self.coefficients.detach().cpu().tolist(),
+        }
+
+    @torch.no_grad()
+    def merged_models(self):
+        """Yield (task, plain ``transformers`` model): merged backbone + that task's head."""
+        merged = self.merged_tensors()
+        for t, task in enumerate(self.tasks):
+            tensors = {**merged, **self.frozen.head(t)}
+            yield task, build_model(self.frozen.skeleton, tensors, self.frozen.configs[task])
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["divmerge"] = {
+            "fingerprints": dict(self.frozen.fingerprints),
+            "groups": list(self.layout.groups),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("divmerge")
+        if saved is None or self.frozen is None:
+            return
+        for role, digest in saved["fingerprints"].items():
+            now = self.frozen.fingerprints.get(role)
+            if now != digest:
+                raise ValueError(
+                    f"checkpoint was made with different weights for {role!r} "
+                    f"({str(self.frozen.paths.get(role, '?'))!r} changed since): resuming would "
+                    "mix coefficients of other experts; start a new run instead"
+                )
+
+
+def _rows_of(rows: Dataset, task_id: int) -> Dataset:
+    ids = rows["task_id"]
+    return rows.select([i for i, t in enumerate(ids) if t == task_id])

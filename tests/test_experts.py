@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertForSequenceClassification, BertModel, DistilBertConfig
+from transformers import DistilBertForSequenceClassification
+
+from divmerge_pl.experts import ExpertMismatchError, load_experts
+
+from .conftest import make_expert, tiny_config
+
+
+def test_task_vectors_are_expert_minus_base_stacked_per_tensor(tiny):
+    loaded = load_experts(str(tiny.base), {t: str(p) for t, p in tiny.experts.items()})
+    base = BertModel.from_pretrained(tiny.base).state_dict()
+    assert loaded.tasks == ("alpha", "beta")
+    # word embeddings are equal in base and every expert: no task vector is kept for them
+    assert "bert.embeddings.word_embeddings.weight" not in loaded.task_vectors
+    assert "bert.encoder.layer.1.output.dense.weight" in loaded.task_vectors
+    for t, task in enumerate(loaded.tasks):
+        expert = BertForSequenceClassification.from_pretrained(tiny.experts[task]).state_dict()
+        for name, stacked in loaded.task_vectors.items():
+            assert stacked.shape[0] == 2
+            tau = expert[name] - base[name.removeprefix("bert.")]
+            assert torch.allclose(stacked[t], tau, atol=1e-7)
+        assert torch.equal(loaded.heads[task]["classifier.weight"], expert["classifier.weight"])
+    assert loaded.heads["beta"]["classifier.weight"].shape[0] == 3
+    assert len(set(loaded.fingerprints.values())) == 3
+    assert not any(p.requires_grad for p in loaded.skeleton.parameters())
+
+
+def test_expert_with_other_shape_names_expert_and_tensor(tiny):
+    odd = tiny.root / "odd"
+    BertForSequenceClassification(tiny_config(2, intermediate_size=40)).save_pretrained(odd)
+    with pytest.raises(ExpertMismatchError, match=r"expert 'odd'.*intermediate\.dense\.weight.*shape"):
+        load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "odd": str(odd)})
+
+
+def test_expert_missing_a_tensor_names_it(tiny):
+    holed = tiny.root / "holed"
+    make_expert(tiny.base, holed, 2, seed=6)
+    state = load_file(holed / "model.safetensors")
+    del state["bert.encoder.layer.1.attention.self.key.bias"]
+    save_file(state, holed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExpertMismatchError, match=r"'holed'.*layer\.1\.attention\.self\.key\.bias"):
+        load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "holed": str(holed)})
+
+
+def test_expert_of_another_architecture_is_refused(tiny):
+    other = tiny.root / "distil"
+    config = DistilBertConfig(vocab_size=39, dim=32, n_layers=1, n_heads=2, hidden_dim=48)
+    DistilBertForSequenceClassification(config).save_pretrained(other)
+    with pytest.raises(ExpertMismatchError, match=r"expert 'other' is a distilbert.*'alpha' is a bert"):
+        load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "other": str(other)})
+
+
+def test_paths_that_are_not_model_folders_are_named(tiny, tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"expert 'gone'.*does not exist"):
+        load_experts(str(tiny.base), {"gone": str(tmp_path / "nowhere")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model.base.*no config.json"):
+        load_experts(str(tmp_path / "empty"), {"alpha": str(tiny.experts["alpha"])})

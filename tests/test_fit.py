@@ -1,0 +1,201 @@
+"""End to end: ``divmerge-pl fit`` on tiny random experts, outputs checked against the maths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
+from divmerge_pl.cli import main
+from divmerge_pl.coefficients import DEFAULT_BLOCK_PATTERN
+from divmerge_pl.divergences import js_divergence
+
+from .conftest import build_setup
+
+
+def write_config(tiny, folder: Path, granularity: str = "layer", epochs: int = 2, **model) -> Path:
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "divmerge_pl.DivMergeModule",
+            "init_args": tiny.model_args(granularity=granularity, **model),
+        },
+        "data": {
+            "class_path": "divmerge_pl.MergeDataModule",
+            "init_args": {"tasks": tiny.task_specs(), "batch_size": 8, "max_length": 16},
+        },
+        "trainer": {
+            "max_epochs": epochs,
+            "default_root_dir": str(folder),
+            "enable_progress_bar": False,
+            "accelerator": "cpu",
+            "devices": 1,
+        },
+    }
+    path = folder / "merge.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_dir(folder: Path) -> Path:
+    (found,) = sorted((folder / "lightning_logs").iterdir())
+    return found
+
+
+def tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def group_of(name: str, granularity: str, groups: list[str]) -> int:
+    if granularity == "task":
+        return 0
+    if granularity == "layer":
+        return groups.index(name)
+    match = re.search(DEFAULT_BLOCK_PATTERN, name)
+    return groups.index(match.group(1) if match else "other")
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer", "block"])
+def test_fit_writes_outputs_whose_weights_are_base_plus_gamma_tau(tiny, granularity):
+    before = {p: tree_digest(p) for p in [tiny.base, *tiny.experts.values()]}
+    out = tiny.root / "run"
+    main(["fit", "--config", str(write_config(tiny, out, granularity))])
+    run = run_dir(out)
+
+    coefficients = json.loads((run / "coefficients.json").read_text())
+    assert coefficients["objective"] == "js"
+    assert coefficients["granularity"] == granularity
+    assert coefficients["tasks"] == ["alpha", "beta"]
+    gamma = torch.tensor(coefficients["values"])
+    assert gamma.shape == (2, len(coefficients["groups"]))
+    assert not torch.allclose(gamma, torch.full_like(gamma, 0.5))  # it learned something
+    expected_groups = {"task": 1, "layer": 38, "block": 3}[granularity]
+    assert len(coefficients["groups"]) == expected_groups
+
+    base = load_file(tiny.base / "model.safetensors")
+    experts = {t: load_file(p / "model.safetensors") for t, p in tiny.experts.items()}
+    for t, task in enumerate(["alpha", "beta"]):
+        merged = load_file(run / "merged" / task / "model.safetensors")
+        for name, value in merged.items():
+            if not name.startswith("bert."):
+                assert torch.equal(value, experts[task][name])  # heads are kept, not merged
+                continue
+            theta0 = base[name.removeprefix("bert.")]
+            taus = [experts[other][name] - theta0 for other in ["alpha", "beta"]]
+            if not any(tau.any() for tau in taus):  # equal everywhere: not merged, stays base
+                assert torch.equal(value, theta0), name
+                continue
+            g = group_of(name, granularity, coefficients["groups"])
+            expected = theta0 + sum(gamma[s, g] * tau for s, tau in enumerate(taus))
+            assert torch.allclose(value, expected, atol=1e-5), name
+        model = AutoModelForSequenceClassification.from_pretrained(run / "merged" / task)
+        assert model.config.num_labels == tiny.labels[task]
+
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["tasks"]) == {"alpha", "beta"}
+    for row in report["tasks"].values():
+        assert 0 <= row["merged"] <= 1 and 0 <= row["expert"] <= 1
+        assert row["normalized"] == pytest.approx(row["merged"] / row["expert"])
+    assert (run / "config.yaml").is_file()
+    # gradients reached only the coefficients: base and experts are byte-for-byte unchanged
+    assert before == {p: tree_digest(p) for p in before}
+
+
+def fit_module(tiny, tasks: dict, max_steps: int, **kwargs) -> tuple[DivMergeModule, L.Trainer]:
+    module = DivMergeModule(
+        base=str(tiny.base),
+        experts={t: str(tiny.experts[t]) for t in tasks},
+        teacher_cache=None,
+        **kwargs,
+    )
+    specs = [TaskSpec(**s) for s in tiny.task_specs(num_samples=32) if s["name"] in tasks]
+    data = MergeDataModule(specs, tokenizer=str(tiny.base), batch_size=8, max_length=16)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    return module, trainer
+
+
+def js_to_expert(module: DivMergeModule, trainer: L.Trainer) -> float:
+    """Mean JS between the merged model and the expert on the expert's own inputs."""
+    data = trainer.datamodule
+    with torch.no_grad():
+        merged = module.merged_tensors()
+        values = []
+        for batch in data.ordered_dataloader(data.train_rows):
+            for t, rows in module._task_rows(batch):
+                logq = torch.log_softmax(module._task_logits(t, merged, batch, rows), -1)
+                logp = module.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
+                values.append(js_divergence(logp, logq))
+    return torch.cat(values).mean().item()
+
+
+def test_one_expert_pulls_its_coefficient_to_one_and_js_to_zero(tmp_path):
+    tiny = build_setup(tmp_path, {"alpha": 3}, scale=0.1)
+    module, trainer = fit_module(tiny, {"alpha": 3}, max_steps=0, granularity="task", init=0.0)
+    start = js_to_expert(module, trainer)
+    module, trainer = fit_module(
+        tiny, {"alpha": 3}, max_steps=80, granularity="task", init=0.0, lr=0.05
+    )
+    end = js_to_expert(module, trainer)
+    assert start > 1e-2
+    assert end < 0.01 * start
+    assert module.coefficients.item() == pytest.approx(1.0, abs=0.1)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable == ["coefficients"]
+
+
+def test_teacher_outputs_are_cached_and_invalidated_by_new_weights(tiny, monkeypatch):
+    from divmerge_pl import module as module_file
+
+    calls = []
+    real = module_file.compute_logprobs
+    monkeypatch.setattr(
+        module_file, "compute_logprobs", lambda *a, **k: calls.append(a[2]) or real(*a, **k)
+    )
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "first", epochs=1))])
+    assert len(calls) == 4  # inputs and eval rows, for each of the two experts
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "second", epochs=1))])
+    assert len(calls) == 4  # second run: every expert output came from the cache
+    first = json.loads((run_dir(tiny.root / "first") / "report.json").read_text())
+    second = json.loads((run_dir(tiny.root / "second") / "report.json").read_text())
+    assert first["tasks"]["alpha"]["expert"] == second["tasks"]["alpha"]["expert"]
+
+    expert = AutoModelForSequenceClassification.from_pretrained(tiny.experts["beta"])
+    with torch.no_grad():
+        expert.classifier.bias.add_(1.0)
+    expert.save_pretrained(tiny.experts["beta"])
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "third", epochs=1))])
+    assert calls[4:] == ["expert beta: inputs", "expert beta: eval"]
+
+
+def test_task_without_expert_fails_before_models_load(tiny, monkeypatch):
+    from divmerge_pl import module as module_file
+
+    monkeypatch.setattr(module_file, "load_experts", lambda *a: pytest.fail("models loaded"))
+    config = write_config(tiny, tiny.root / "run")
+    text = config.read_text().replace("name: beta", "name: gamma")
+    config.write_text(text)
+    with pytest.raises(ValueError, match=r"experts without a task \['beta'\].*without an expert \['gamma'\]"):
+        main(["fit", "--config", str(config)])
