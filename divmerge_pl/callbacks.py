@@ -52,5 +52,7 @@ class MergedModelExport(L.Callback):
             tokenizer=tokenizer,
             overwrite=self.overwrite,
         )
-        print_report(report, title=f"DivMerge ({module.hparams.objective}, "
-                     f"{module.hparams.granularity}) -> {folder}")
+        print_report(
+            report,
+            title=f"DivMerge ({module.hparams.objective}, {module.hparams.granularity}) -> {folder}",
+        )

@@ -56,8 +56,7 @@ def read_rows(task: str, files: str | list[str], columns: list[str]) -> Dataset:
     suffixes = {p.suffix.lower() for p in paths}
     if len(suffixes) != 1 or next(iter(suffixes)) not in _BUILDERS:
         raise ValueError(
-            f"task {task!r}: data files {[str(p) for p in paths]} must all be one of "
-            f"{', '.join(_BUILDERS)}"
+            f"task {task!r}: data files {[str(p) for p in paths]} must all be one of {', '.join(_BUILDERS)}"
         )
     builder = _BUILDERS[suffixes.pop()]
     rows = load_dataset(builder, data_files=[str(p) for p in paths], split="train")
@@ -105,13 +104,11 @@ class MergeDataModule(L.LightningDataModule):
         for task in tasks:
             if task.num_samples <= 0:
                 raise ValueError(
-                    f"task {task.name!r}: num_samples must be a positive integer, "
-                    f"got {task.num_samples}"
+                    f"task {task.name!r}: num_samples must be a positive integer, got {task.num_samples}"
                 )
             if not 1 <= len(task.text_fields) <= 2:
                 raise ValueError(
-                    f"task {task.name!r}: text_fields takes one or two fields, "
-                    f"got {task.text_fields}"
+                    f"task {task.name!r}: text_fields takes one or two fields, got {task.text_fields}"
                 )
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
@@ -142,7 +139,9 @@ class MergeDataModule(L.LightningDataModule):
             if len(rows) < task.num_samples:
                 log.warning(
                     "task %r: %d rows asked for but the files hold %d; using all of them",
-                    task.name, task.num_samples, len(rows),
+                    task.name,
+                    task.num_samples,
+                    len(rows),
                 )
             rows = rows.shuffle(seed=self.seed).select(range(min(task.num_samples, len(rows))))
             train_parts.append(self._encode(rows, task, task_id, with_labels=False))

@@ -91,9 +91,7 @@ def _load(cls, folder: Path, role: str, **kwargs):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # we report missing tensors ourselves, precisely
     try:
-        model, info = cls.from_pretrained(
-            folder, dtype=torch.float32, output_loading_info=True, **kwargs
-        )
+        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         raise ExpertMismatchError(f"{role}: cannot load {str(folder)!r}: {err}") from err
     finally:
@@ -105,8 +103,7 @@ def _check_dtypes(configs: dict[str, PretrainedConfig]) -> None:
     stored = {name: str(getattr(cfg, "dtype", None) or "float32") for name, cfg in configs.items()}
     if len(set(stored.values())) > 1:
         warnings.warn(
-            f"experts were saved in different dtypes ({stored}); all are upcast to float32 "
-            "for merging",
+            f"experts were saved in different dtypes ({stored}); all are upcast to float32 for merging",
             stacklevel=3,
         )
 

@@ -56,9 +56,7 @@ def write_json(path: Path, data: Any) -> None:
     _replace(Path(tmp), path)
 
 
-def write_merged(
-    folder: Path, models: Iterable[tuple[str, PreTrainedModel]], tokenizer=None
-) -> None:
+def write_merged(folder: Path, models: Iterable[tuple[str, PreTrainedModel]], tokenizer=None) -> None:
     """``folder/merged/<task>/``: one loadable Hugging Face folder per task head."""
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".merged."))
     try:
@@ -94,11 +92,11 @@ def print_report(report: dict, title: str, console: Console | None = None) -> No
     table = Table(title=title)
     table.add_column("task")
     for column in ("expert", "merged", "normalized"):
-        table.add_column(f"{column} {report['metric']}" if column != "normalized" else column,
-                         justify="right")
+        table.add_column(
+            f"{column} {report['metric']}" if column != "normalized" else column, justify="right"
+        )
     for task, row in report["tasks"].items():
         table.add_row(task, _fmt(row["expert"]), _fmt(row["merged"]), _fmt(row["normalized"]))
     avg = report["average"]
-    table.add_row("average", _fmt(avg["expert"]), _fmt(avg["merged"]), _fmt(avg["normalized"]),
-                  style="bold")
+    table.add_row("average", _fmt(avg["expert"]), _fmt(avg["merged"]), _fmt(avg["normalized"]), style="bold")
     (console or Console()).print(table)

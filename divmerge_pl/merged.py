@@ -36,8 +36,7 @@ def expert_tensors(
 ) -> dict[str, Tensor]:
     """Expert ``t``'s own weights, ``theta0 + tau_t``, rebuilt from its task vector."""
     return {
-        name: base[name] + stacked[task_index].to(base[name].dtype)
-        for name, stacked in task_vectors.items()
+        name: base[name] + stacked[task_index].to(base[name].dtype) for name, stacked in task_vectors.items()
     }
 
 

@@ -141,9 +141,7 @@ class DivMergeModule(L.LightningModule):
             return
         loaded = load_experts(self.hparams.base, dict(self.hparams.experts))
         self.frozen = FrozenExperts(loaded)
-        self.layout = build_layout(
-            self.frozen.names, self.hparams.granularity, self.hparams.block_pattern
-        )
+        self.layout = build_layout(self.frozen.names, self.hparams.granularity, self.hparams.block_pattern)
         self.coefficients = nn.Parameter(
             initial_coefficients(len(self.tasks), self.layout.num_groups, self.hparams.init)
         )
@@ -313,9 +311,9 @@ class DivMergeModule(L.LightningModule):
             dm = self._datamodule()
             merged = {}
             if dm.eval_rows is not None:
-                scores = TaskScores(
-                    [self.frozen.num_classes(t) for t in range(len(self.tasks))], False
-                ).to(self.device)
+                scores = TaskScores([self.frozen.num_classes(t) for t in range(len(self.tasks))], False).to(
+                    self.device
+                )
                 self._eval_tensors = self.merged_tensors()
                 for batch in dm.ordered_dataloader(dm.eval_rows):
                     self._score_batch({k: v.to(self.device) for k, v in batch.items()}, scores)

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from divmerge_pl.divergences import entropy, get_objective, js_divergence, kl_divergence, masked_mean
+from divmerge_pl.divergences import (
+    entropy,
+    get_objective,
+    js_divergence,
+    kl_divergence,
+    masked_mean,
+)
 
 
 def random_logp(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -3,8 +3,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BertForSequenceClassification, BertModel, DistilBertConfig
-from transformers import DistilBertForSequenceClassification
+from transformers import (
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+)
 
 from divmerge_pl.experts import ExpertMismatchError, load_experts
 

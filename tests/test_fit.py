@@ -88,7 +88,7 @@ def test_fit_writes_outputs_whose_weights_are_base_plus_gamma_tau(tiny, granular
 
     base = load_file(tiny.base / "model.safetensors")
     experts = {t: load_file(p / "model.safetensors") for t, p in tiny.experts.items()}
-    for t, task in enumerate(["alpha", "beta"]):
+    for task in ["alpha", "beta"]:
         merged = load_file(run / "merged" / task / "model.safetensors")
         for name, value in merged.items():
             if not name.startswith("bert."):
@@ -155,9 +155,7 @@ def test_one_expert_pulls_its_coefficient_to_one_and_js_to_zero(tmp_path):
     tiny = build_setup(tmp_path, {"alpha": 3}, scale=0.1)
     module, trainer = fit_module(tiny, {"alpha": 3}, max_steps=0, granularity="task", init=0.0)
     start = js_to_expert(module, trainer)
-    module, trainer = fit_module(
-        tiny, {"alpha": 3}, max_steps=80, granularity="task", init=0.0, lr=0.05
-    )
+    module, trainer = fit_module(tiny, {"alpha": 3}, max_steps=80, granularity="task", init=0.0, lr=0.05)
     end = js_to_expert(module, trainer)
     assert start > 1e-2
     assert end < 0.01 * start
@@ -171,9 +169,7 @@ def test_teacher_outputs_are_cached_and_invalidated_by_new_weights(tiny, monkeyp
 
     calls = []
     real = module_file.compute_logprobs
-    monkeypatch.setattr(
-        module_file, "compute_logprobs", lambda *a, **k: calls.append(a[2]) or real(*a, **k)
-    )
+    monkeypatch.setattr(module_file, "compute_logprobs", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     main(["fit", "--config", str(write_config(tiny, tiny.root / "first", epochs=1))])
     assert len(calls) == 4  # inputs and eval rows, for each of the two experts
     main(["fit", "--config", str(write_config(tiny, tiny.root / "second", epochs=1))])

@@ -6,7 +6,10 @@ from divmerge_pl.merged import expert_tensors, merge_tensors
 
 def tensors(seed: int):
     gen = torch.Generator().manual_seed(seed)
-    base = {"a.layer.0.w": torch.randn(4, 3, generator=gen), "a.layer.1.b": torch.randn(5, generator=gen)}
+    base = {
+        "a.layer.0.w": torch.randn(4, 3, generator=gen),
+        "a.layer.1.b": torch.randn(5, generator=gen),
+    }
     taus = {n: torch.randn(3, *t.shape, generator=gen) for n, t in base.items()}
     return base, taus
 
@@ -28,7 +31,9 @@ def test_merge_is_linear_in_coefficients_and_gradients_reach_only_gamma():
     m1, m2 = merge_tensors(base, taus, g1, layout), merge_tensors(base, taus, g2, layout)
     m12 = merge_tensors(base, taus, g1 + g2, layout)
     for name in base:
-        assert torch.allclose(m12[name] - base[name], (m1[name] - base[name]) + (m2[name] - base[name]), atol=1e-5)
+        assert torch.allclose(
+            m12[name] - base[name], (m1[name] - base[name]) + (m2[name] - base[name]), atol=1e-5
+        )
     gamma = torch.zeros(3, 1, requires_grad=True)
     merged = merge_tensors(base, taus, gamma, layout)
     sum(t.sum() for t in merged.values()).backward()
