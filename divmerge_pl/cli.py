@@ -4,6 +4,7 @@ come from the Trainer's own options and configs."""
 from __future__ import annotations
 
 import os
+import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -23,6 +24,8 @@ class DivMergeCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     # The model hub is never needed: every model is a local folder.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The frozen experts stay in eval mode on purpose (no dropout in teachers or merge).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     DivMergeCLI(
         DivMergeModule,
         MergeDataModule,

@@ -100,7 +100,10 @@ def _load(cls, folder: Path, role: str, **kwargs):
 
 
 def _check_dtypes(configs: dict[str, PretrainedConfig]) -> None:
-    stored = {name: str(getattr(cfg, "dtype", None) or "float32") for name, cfg in configs.items()}
+    stored = {
+        name: str(getattr(cfg, "dtype", None) or "float32").removeprefix("torch.")
+        for name, cfg in configs.items()
+    }
     if len(set(stored.values())) > 1:
         warnings.warn(
             f"experts were saved in different dtypes ({stored}); all are upcast to float32 for merging",

@@ -7,7 +7,7 @@ The only trainable state is Gamma [tasks x groups]. Experts are loaded in ``setu
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -87,7 +87,7 @@ class DivMergeModule(L.LightningModule):
         self,
         base: str,
         experts: dict[str, str],
-        objective: str = "js",
+        objective: Literal["js", "kl", "entropy"] = "js",
         granularity: Granularity = "layer",
         block_pattern: str = DEFAULT_BLOCK_PATTERN,
         lr: float = 1e-2,

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,16 @@ def test_paths_that_are_not_model_folders_are_named(tiny, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"model.base.*no config.json"):
         load_experts(str(tmp_path / "empty"), {"alpha": str(tiny.experts["alpha"])})
+
+
+def test_experts_in_one_dtype_load_silently_and_mixed_dtypes_warn(tiny):
+    experts = {t: str(p) for t, p in tiny.experts.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_experts(str(tiny.base), experts)
+    half = tiny.root / "half"
+    model = BertForSequenceClassification.from_pretrained(tiny.experts["alpha"], dtype=torch.bfloat16)
+    model.save_pretrained(half)
+    with pytest.warns(UserWarning, match=r"different dtypes.*'half': 'bfloat16'.*upcast to float32"):
+        loaded = load_experts(str(tiny.base), {"beta": experts["beta"], "half": str(half)})
+    assert all(v.dtype == torch.float32 for v in loaded.task_vectors.values())
