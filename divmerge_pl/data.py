@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class MergeDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_rows,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochShuffle(len(self.train_rows), self.seed),
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
@@ -203,6 +203,27 @@ class MergeDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation per epoch that depends only on ``(seed, epoch)``: the order does not
+    hang on whatever else consumed the global RNG (expert fine-tuning, teacher passes), so reruns
+    and resumed runs see the same batches. Lightning calls ``set_epoch`` every epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def _with_row_ids(rows: Dataset) -> Dataset:
