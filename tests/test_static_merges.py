@@ -1,0 +1,110 @@
+"""Training-free merges against results worked out by hand on small tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from divmerge_pl.static_merges import (
+    average,
+    build_static_merge,
+    dare_drop,
+    dare_task_vectors,
+    disjoint_mean,
+    elect_sign,
+    task_arithmetic,
+    ties,
+    ties_task_vectors,
+    trim_top_k,
+)
+
+
+def test_trim_keeps_each_tasks_largest_entries():
+    stacked = torch.tensor([[0.1, -0.5, 0.3, 0.05], [2.0, 0.0, -1.0, 0.4]])
+    assert_close(trim_top_k(stacked, 0.5), torch.tensor([[0.0, -0.5, 0.3, 0.0], [2.0, 0.0, -1.0, 0.0]]))
+    assert_close(trim_top_k(stacked, 0.25), torch.tensor([[0.0, -0.5, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]]))
+    assert_close(trim_top_k(stacked, 1.0), stacked)
+
+
+def test_ties_on_three_tasks_with_a_sign_conflict():
+    # entry 0: +1, +2, -4 -> sum -1 -> sign -, only task 2 agrees -> -4
+    # entry 1: +3, -1, +1 -> sum +3 -> sign +, tasks 0 and 2 agree -> (3 + 1) / 2 = 2
+    # entry 2: all trimmed away (smallest in every task) -> 0
+    # entry 3: -2, -2, +0.5... trimmed: task 2 keeps its two largest: 4 (e0) and 1 (e1)
+    stacked = torch.tensor(
+        [
+            [1.0, 3.0, 0.1, -2.0],
+            [2.0, -1.0, 0.1, -2.0],
+            [-4.0, 1.0, 0.2, 0.5],
+        ]
+    )
+    trimmed = trim_top_k(stacked, 0.5)
+    assert_close(
+        trimmed,
+        torch.tensor([[0.0, 3.0, 0.0, -2.0], [2.0, 0.0, 0.0, -2.0], [-4.0, 1.0, 0.0, 0.0]]),
+    )
+    sign = elect_sign(trimmed)  # sums: -2, 4, 0, -4
+    assert_close(sign, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
+    # e0: only -4 agrees; e1: 3 and 1 -> 2; e2: none -> 0; e3: -2 and -2 -> -2
+    expected = torch.tensor([-4.0, 2.0, 0.0, -2.0])
+    assert_close(disjoint_mean(trimmed, sign), expected)
+    merged = ties({"w": stacked}, density=0.5, scale=0.5)["w"]
+    assert_close(merged, 0.5 * expected)
+    processed = ties_task_vectors({"w": stacked}, density=0.5)["w"]
+    assert_close(
+        processed, torch.tensor([[0.0, 3.0, 0.0, -2.0], [0.0, 0.0, 0.0, -2.0], [-4.0, 1.0, 0.0, 0.0]])
+    )
+
+
+def test_ties_without_trimming_or_conflict_is_the_average():
+    stacked = torch.rand(3, 5, 4) + 0.1  # all positive: no conflict
+    assert_close(ties({"w": stacked}, density=1.0, scale=1.0)["w"], average({"w": stacked})["w"])
+
+
+def test_task_arithmetic_and_average():
+    tau = torch.randn(1, 6, 3)
+    assert_close(task_arithmetic({"w": tau}, scale=1.0)["w"], tau[0])  # one expert, scale 1: the expert
+    stacked = torch.randn(4, 6, 3)
+    assert_close(average({"w": stacked})["w"], task_arithmetic({"w": stacked}, scale=0.25)["w"])
+    assert_close(average({"w": stacked})["w"], stacked.mean(0))
+
+
+def test_dare_rescale_keeps_the_expectation_and_is_seeded():
+    stacked = torch.full((2, 200_000), 0.5)
+    dropped = dare_drop(stacked, 0.9, torch.Generator().manual_seed(0))
+    kept = dropped != 0
+    assert_close(dropped[kept], torch.full_like(dropped[kept], 5.0))  # survivors rescaled by 1/(1-p)
+    # mean of 400k draws: standard error 0.5 * sqrt(0.9 / 0.1) / sqrt(4e5) ~ 0.0024; 5 sigma
+    assert abs(dropped.mean().item() - 0.5) < 0.012
+    assert abs(kept.float().mean().item() - 0.1) < 0.003
+    assert_close(dare_drop(stacked, 0.0, torch.Generator()), stacked)
+    vectors = {"a": torch.randn(2, 50), "b": torch.randn(2, 50)}
+    first, again = (
+        dare_task_vectors(vectors, 0.5, seed=1),
+        dare_task_vectors(dict(reversed(vectors.items())), 0.5, 1),
+    )
+    assert all(torch.equal(first[n], again[n]) for n in vectors)  # dict order does not matter
+    other = dare_task_vectors(vectors, 0.5, seed=2)
+    assert not torch.equal(first["a"], other["a"])
+
+
+def test_low_precision_vectors_keep_their_dtype():
+    vectors = {"w": torch.randn(3, 8, dtype=torch.bfloat16)}
+    for method in ("average", "task_arithmetic", "ties", "dare"):
+        assert build_static_merge(method).merge(vectors)["w"].dtype == torch.bfloat16
+
+
+def test_registry_names_bad_methods_and_parameters():
+    with pytest.raises(
+        ValueError, match=r"unknown training-free method 'tie'.*average, task_arithmetic, ties, dare"
+    ):
+        build_static_merge("tie")
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\].*1.5"):
+        build_static_merge("ties", density=1.5)
+    with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\).*1.0"):
+        build_static_merge("dare", drop_rate=1.0)
+    with pytest.raises(
+        ValueError, match=r"ties: unknown parameter\(s\) \['lambda'\]; it takes \['density', 'scale'\]"
+    ):
+        build_static_merge("ties", **{"lambda": 1.0})
