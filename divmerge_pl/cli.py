@@ -1,9 +1,11 @@
 """``divmerge-pl``: a LightningCLI, so strategy, devices, precision, loggers and callbacks
-come from the Trainer's own options and configs."""
+come from the Trainer's own options and configs; plus ``merge`` and ``compare``, which run
+training-free and learned methods through the same harness (see commands.py)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -21,19 +23,30 @@ class DivMergeCLI(LightningCLI):
         parser.add_lightning_class_args(MergedModelExport, "export")
 
 
-def main(args: list[str] | None = None) -> None:
-    # The model hub is never needed: every model is a local folder.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # The frozen experts stay in eval mode on purpose (no dropout in teachers or merge).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    DivMergeCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:
+    return DivMergeCLI(
         DivMergeModule,
         MergeDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        run=run,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    # The model hub is never needed: every model is a local folder.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The frozen experts stay in eval mode on purpose (no dropout in teachers or merge).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("merge", "compare"):
+        from .commands import compare_main, merge_main
+
+        (merge_main if argv[0] == "merge" else compare_main)(argv[1:])
+        return
+    build_cli(args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

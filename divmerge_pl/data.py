@@ -18,6 +18,8 @@ from datasets import Dataset, concatenate_datasets, load_dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
+from .metrics import MetricName
+
 log = logging.getLogger(__name__)
 
 _BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -41,6 +43,8 @@ class TaskSpec:
     """Unlabelled inputs used for the merge (the paper uses 200-400 per task)."""
     eval_samples: int | None = None
     """Cap on eval rows (None: all)."""
+    metric: MetricName = "accuracy"
+    """Score of the report: ``accuracy`` or ``f1`` (macro)."""
 
 
 def _as_list(files: str | list[str]) -> list[str]:
@@ -126,6 +130,10 @@ class MergeDataModule(L.LightningDataModule):
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def metrics(self) -> dict[str, MetricName]:
+        return {t.name: t.metric for t in self.tasks}
 
     def setup(self, stage: str) -> None:
         if self.train_rows is not None:

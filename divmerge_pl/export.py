@@ -71,7 +71,7 @@ def write_merged(folder: Path, models: Iterable[tuple[str, PreTrainedModel]], to
 def write_outputs(
     folder: Path,
     models: Iterable[tuple[str, PreTrainedModel]],
-    coefficients: dict,
+    coefficients: dict | None,
     report: dict,
     tokenizer=None,
     overwrite: bool = False,
@@ -79,7 +79,8 @@ def write_outputs(
     folder.mkdir(parents=True, exist_ok=True)
     check_free(folder, overwrite)
     write_merged(folder, models, tokenizer)
-    write_json(folder / "coefficients.json", coefficients)
+    if coefficients is not None:  # training-free methods have none of their own
+        write_json(folder / "coefficients.json", coefficients)
     write_json(folder / "report.json", report)
 
 

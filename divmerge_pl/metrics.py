@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+MetricName = Literal["accuracy", "f1"]
+
+
+def build_metric(name: MetricName, num_classes: int, sync_on_compute: bool = True) -> Metric:
+    """``accuracy`` (micro) or ``f1`` (macro over the task's classes, for unbalanced labels)."""
+    if name == "accuracy":
+        return MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=sync_on_compute)
+    if name == "f1":
+        return MulticlassF1Score(num_classes=num_classes, average="macro", sync_on_compute=sync_on_compute)
+    raise ValueError(f"metric {name!r}: choose accuracy or f1")
 
 
 class TaskScores(nn.Module):
-    """One accuracy metric per task, each sized to that task's own label set."""
+    """One metric per task, each sized to that task's own label set."""
 
-    metric_name = "accuracy"
-
-    def __init__(self, num_classes: list[int], sync_on_compute: bool = True) -> None:
+    def __init__(
+        self, num_classes: list[int], metrics: list[MetricName] | None = None, sync_on_compute: bool = True
+    ) -> None:
         super().__init__()
+        self.names = list(metrics or ["accuracy"] * len(num_classes))
         self.metrics = nn.ModuleList(
-            MulticlassAccuracy(num_classes=k, average="micro", sync_on_compute=sync_on_compute)
-            for k in num_classes
+            build_metric(name, k, sync_on_compute) for name, k in zip(self.names, num_classes, strict=True)
         )
         self.seen = [False] * len(num_classes)
 
@@ -33,17 +47,30 @@ class TaskScores(nn.Module):
         self.seen = [False] * len(self.metrics)
 
 
-def build_report(expert: dict[str, float], merged: dict[str, float], metric: str) -> dict:
-    """Per task: expert score, merged score and merged / expert; then the mean of each."""
+def build_report(
+    expert: dict[str, float], merged: dict[str, float], metrics: dict[str, str], method: str | None = None
+) -> dict:
+    """Per task: expert score, merged score and merged / expert; then the mean of each.
+
+    ``metric`` is the tasks' common metric name, or ``mixed`` (each task row names its own)."""
     tasks = {}
     for task, expert_score in expert.items():
         if task not in merged:
             continue
         merged_score = merged[task]
         normalized = merged_score / expert_score if expert_score > 0 else float("nan")
-        tasks[task] = {"expert": expert_score, "merged": merged_score, "normalized": normalized}
+        tasks[task] = {
+            "expert": expert_score,
+            "merged": merged_score,
+            "normalized": normalized,
+            "metric": metrics[task],
+        }
     average = {
         key: sum(row[key] for row in tasks.values()) / len(tasks) if tasks else float("nan")
         for key in ("expert", "merged", "normalized")
     }
-    return {"metric": metric, "tasks": tasks, "average": average}
+    names = {metrics[t] for t in tasks} or {"accuracy"}
+    report = {"metric": names.pop() if len(names) == 1 else "mixed", "tasks": tasks, "average": average}
+    if method is not None:
+        report["method"] = method
+    return report

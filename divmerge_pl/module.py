@@ -21,6 +21,7 @@ from .divergences import get_objective, masked_mean
 from .experts import LoadedExperts, load_experts
 from .merged import build_model, expert_tensors, forward_logits, merge_tensors
 from .metrics import TaskScores, build_report
+from .static_merges import StaticMerge, dare_task_vectors, ties_task_vectors
 from .teachers import DEFAULT_CACHE, TeacherCache, cache_key, compute_logprobs, token_fingerprint
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class FrozenExperts(nn.Module):
         self.names = list(loaded.task_vectors)
         for i, stacked in enumerate(loaded.task_vectors.values()):
             self.register_buffer(f"tau_{i}", stacked, persistent=False)
+        self.merge_source = "raw"  # which vectors the merge combines: raw, processed or static
         self.head_names = [list(h) for h in loaded.heads.values()]
         for t, head in enumerate(loaded.heads.values()):
             for j, tensor in enumerate(head.values()):
@@ -56,7 +58,30 @@ class FrozenExperts(nn.Module):
         return {name: params[name] for name in self.names}
 
     def task_vectors(self) -> dict[str, Tensor]:
+        """The experts' own task vectors (teachers and expert scores always use these)."""
         return {name: getattr(self, f"tau_{i}") for i, name in enumerate(self.names)}
+
+    def set_merge_vectors(self, vectors: dict[str, Tensor]) -> None:
+        """Merge TIES/DARE-processed vectors instead of the raw ones (AdaMerging++ style)."""
+        for i, name in enumerate(self.names):
+            self.register_buffer(f"merge_tau_{i}", vectors[name], persistent=False)
+        self.merge_source = "processed"
+
+    def merge_vectors(self) -> dict[str, Tensor]:
+        if self.merge_source != "processed":
+            return self.task_vectors()
+        return {name: getattr(self, f"merge_tau_{i}") for i, name in enumerate(self.names)}
+
+    def set_static_delta(self, delta: dict[str, Tensor]) -> None:
+        """Fix the merge to ``theta0 + delta`` (a training-free method's result)."""
+        for i, name in enumerate(self.names):
+            self.register_buffer(f"delta_{i}", delta[name], persistent=False)
+        self.merge_source = "static"
+
+    def static_delta(self) -> dict[str, Tensor] | None:
+        if self.merge_source != "static":
+            return None
+        return {name: getattr(self, f"delta_{i}") for i, name in enumerate(self.names)}
 
     def head(self, task_index: int) -> dict[str, Tensor]:
         return {
@@ -93,6 +118,10 @@ class DivMergeModule(L.LightningModule):
         lr: float = 1e-2,
         init: float | None = None,
         teacher_cache: str | None = str(DEFAULT_CACHE),
+        task_vector_transform: Literal["none", "ties", "dare"] = "none",
+        density: float = 0.2,
+        drop_rate: float = 0.9,
+        transform_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -106,6 +135,12 @@ class DivMergeModule(L.LightningModule):
             lr: Adam's learning rate (paper: 1e-2).
             init: starting value of every coefficient; None means 1/N (0.5 for two tasks).
             teacher_cache: folder caching expert outputs across runs; None to disable.
+            task_vector_transform: learn coefficients over ``ties`` (trimmed, sign-elected) or
+                ``dare`` (randomly dropped, rescaled) task vectors instead of the raw ones
+                (AdaMerging++). Teachers stay the real experts.
+            density: fraction of each task vector kept by ``ties`` (TIES paper: 0.2).
+            drop_rate: fraction of each task vector dropped by ``dare`` (DARE paper: 0.9).
+            transform_seed: seed of ``dare``'s random drop.
         """
         super().__init__()
         get_objective(objective)
@@ -115,11 +150,16 @@ class DivMergeModule(L.LightningModule):
             raise ValueError("model.experts is empty: give at least one {task_name: folder}")
         if lr <= 0:
             raise ValueError(f"model.lr must be positive, got {lr}")
+        if not 0 < density <= 1:
+            raise ValueError(f"model.density must be in (0, 1], got {density}")
+        if not 0 <= drop_rate < 1:
+            raise ValueError(f"model.drop_rate must be in [0, 1), got {drop_rate}")
         self.save_hyperparameters()
         self.objective = get_objective(objective)
         self.frozen: FrozenExperts | None = None
         self.coefficients: nn.Parameter | None = None
         self.layout = None
+        self.static_merge: StaticMerge | None = None  # set by `divmerge-pl merge` before setup
         self.val_scores: TaskScores | None = None
         self.expert_scores: dict[str, float] = {}
         self.last_merged_scores: tuple[int, dict[str, float]] | None = None
@@ -141,11 +181,20 @@ class DivMergeModule(L.LightningModule):
             return
         loaded = load_experts(self.hparams.base, dict(self.hparams.experts))
         self.frozen = FrozenExperts(loaded)
+        if self.static_merge is not None:
+            self.frozen.set_static_delta(self.static_merge.merge(loaded.task_vectors))
+        elif self.hparams.task_vector_transform == "ties":
+            self.frozen.set_merge_vectors(ties_task_vectors(loaded.task_vectors, self.hparams.density))
+        elif self.hparams.task_vector_transform == "dare":
+            vectors = dare_task_vectors(
+                loaded.task_vectors, self.hparams.drop_rate, self.hparams.transform_seed
+            )
+            self.frozen.set_merge_vectors(vectors)
         self.layout = build_layout(self.frozen.names, self.hparams.granularity, self.hparams.block_pattern)
         self.coefficients = nn.Parameter(
             initial_coefficients(len(self.tasks), self.layout.num_groups, self.hparams.init)
         )
-        self.val_scores = TaskScores([self.frozen.num_classes(t) for t in range(len(self.tasks))])
+        self.val_scores = self._new_scores()
         merged = sum(v[0].numel() for v in loaded.task_vectors.values())
         total = sum(p.numel() for p in self.frozen.skeleton.parameters())
         rank_zero_info(
@@ -154,6 +203,26 @@ class DivMergeModule(L.LightningModule):
             f"parameters; tensors equal in base and every expert stay the base's), "
             f"{self.layout.num_groups} coefficient group(s) per task ({self.hparams.granularity})"
         )
+
+    def _new_scores(self, sync_on_compute: bool = True) -> TaskScores:
+        metrics = self._datamodule().metrics
+        return TaskScores(
+            [self.frozen.num_classes(t) for t in range(len(self.tasks))],
+            [metrics[t] for t in self.tasks],
+            sync_on_compute,
+        )
+
+    @property
+    def method(self) -> str:
+        """What produced the merge, as reports name it."""
+        if self.static_merge is not None:
+            return self.static_merge.name
+        transform = self.hparams.task_vector_transform
+        suffix = "" if transform == "none" else f" over {transform} vectors"
+        return f"learned ({self.hparams.objective}, {self.hparams.granularity}){suffix}"
+
+    def _report(self, merged: dict[str, float]) -> dict:
+        return build_report(self.expert_scores, merged, self._datamodule().metrics, self.method)
 
     def _datamodule(self) -> MergeDataModule:
         dm = getattr(self.trainer, "datamodule", None)
@@ -190,7 +259,7 @@ class DivMergeModule(L.LightningModule):
         max_classes = max(self.frozen.num_classes(t) for t in range(len(self.tasks)))
         teacher = torch.full((len(dm.train_rows), max_classes), float("-inf"))
         cache = TeacherCache(self.hparams.teacher_cache)
-        scores = TaskScores([self.frozen.num_classes(t) for t in range(len(self.tasks))], False)
+        scores = self._new_scores(sync_on_compute=False)
         for dm_id, name in enumerate(dm.task_names):
             t = order[dm_id]
             train = _rows_of(dm.train_rows, dm_id)
@@ -230,10 +299,13 @@ class DivMergeModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the merge
     def merged_tensors(self) -> dict[str, Tensor]:
-        """Merged backbone tensors at the current coefficients (differentiable in Gamma)."""
-        return merge_tensors(
-            self.frozen.base_tensors(), self.frozen.task_vectors(), self.coefficients, self.layout
-        )
+        """Merged backbone tensors at the current coefficients (differentiable in Gamma), or
+        the fixed result of a training-free method."""
+        base = self.frozen.base_tensors()
+        delta = self.frozen.static_delta()
+        if delta is not None:
+            return {name: base[name] + delta[name].to(base[name].dtype) for name in delta}
+        return merge_tensors(base, self.frozen.merge_vectors(), self.coefficients, self.layout)
 
     def _task_rows(self, batch: dict[str, Tensor]):
         task_ids = self.task_map[batch["task_id"]]
@@ -287,9 +359,9 @@ class DivMergeModule(L.LightningModule):
         merged = {self.tasks[i]: s for i, s in self.val_scores.compute().items()}
         self.val_scores.reset()
         self._eval_tensors = None
-        report = build_report(self.expert_scores, merged, TaskScores.metric_name)
+        report = self._report(merged)
         for task, row in report["tasks"].items():
-            self.log(f"val/{task}/{report['metric']}", row["merged"])
+            self.log(f"val/{task}/{row['metric']}", row["merged"])
             self.log(f"val/{task}/normalized", row["normalized"])
         if report["tasks"]:
             self.log("val/normalized", report["average"]["normalized"], prog_bar=True)
@@ -311,22 +383,24 @@ class DivMergeModule(L.LightningModule):
             dm = self._datamodule()
             merged = {}
             if dm.eval_rows is not None:
-                scores = TaskScores([self.frozen.num_classes(t) for t in range(len(self.tasks))], False).to(
-                    self.device
-                )
+                scores = self._new_scores(sync_on_compute=False).to(self.device)
                 self._eval_tensors = self.merged_tensors()
                 for batch in dm.ordered_dataloader(dm.eval_rows):
                     self._score_batch({k: v.to(self.device) for k, v in batch.items()}, scores)
                 self._eval_tensors = None
                 merged = {self.tasks[i]: s for i, s in scores.compute().items()}
-        return build_report(self.expert_scores, merged, TaskScores.metric_name)
+        return self._report(merged)
 
     # ------------------------------------------------------------------ outputs
-    def coefficient_table(self) -> dict:
-        """What ``coefficients.json`` holds: one row per task, one column per group."""
+    def coefficient_table(self) -> dict | None:
+        """What ``coefficients.json`` holds: one row per task, one column per group (None for a
+        training-free method, which has no coefficients of its own)."""
+        if self.static_merge is not None:
+            return None
         return {
             "objective": self.hparams.objective,
             "granularity": self.hparams.granularity,
+            "task_vectors": self.hparams.task_vector_transform,
             "tasks": list(self.tasks),
             "groups": list(self.layout.groups),
             "values": self.coefficients.detach().cpu().tolist(),
