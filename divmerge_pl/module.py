@@ -222,7 +222,10 @@ class DivMergeModule(L.LightningModule):
         return f"learned ({self.hparams.objective}, {self.hparams.granularity}){suffix}"
 
     def _report(self, merged: dict[str, float]) -> dict:
-        return build_report(self.expert_scores, merged, self._datamodule().metrics, self.method)
+        report = build_report(self.expert_scores, merged, self._datamodule().metrics, self.method)
+        if self.static_merge is not None:
+            report["params"] = self.static_merge.params()
+        return report
 
     def _datamodule(self) -> MergeDataModule:
         dm = getattr(self.trainer, "datamodule", None)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from divmerge_pl import DivMergeModule
 from divmerge_pl.cli import main
@@ -136,3 +137,45 @@ def test_learned_merge_over_ties_vectors_uses_them(tiny):
         torch.testing.assert_close(stacked[kept], original[kept])  # kept entries are unchanged
     # teachers are still the real experts
     torch.testing.assert_close(ties.teacher_logprobs, raw.teacher_logprobs)
+
+
+def test_select_scale_keeps_the_best_scale_and_f1_is_macro_f1(tmp_path):
+    tiny = build_setup(tmp_path, {"alpha": 3}, scale=1.0)  # far from the base: scale matters
+    reports = {}
+    for name, args in {
+        "0": ["--method_args", '{"scale": 0.0}'],
+        "1": ["--method_args", '{"scale": 1.0}'],
+        "best": ["--select_scale", "0,1"],
+    }.items():
+        config = write_config(tiny, tmp_path / name)
+        config.write_text(
+            config.read_text().replace("label_field: label", "label_field: label\n      metric: f1")
+        )
+        main(["merge", "--config", str(config), "--method", "task_arithmetic", *args])
+        reports[name] = json.loads((run_dir(tmp_path / name) / "report.json").read_text())
+    merged = {s: reports[s]["tasks"]["alpha"]["merged"] for s in ("0", "1")}
+    assert merged["0"] != merged["1"]
+    best = max(merged, key=merged.get)
+    assert reports["best"]["params"] == {"scale": float(best)}
+    assert reports["best"]["tasks"]["alpha"]["merged"] == merged[best]
+    row = reports["1"]["tasks"]["alpha"]
+    assert reports["1"]["metric"] == row["metric"] == "f1"
+    assert row["merged"] == pytest.approx(row["expert"])  # scale 1 with one expert: the expert
+
+    # macro F1 of the expert's predictions on the eval rows, by hand
+    model = AutoModelForSequenceClassification.from_pretrained(tiny.experts["alpha"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny.base)
+    rows = [json.loads(line) for line in tiny.eval["alpha"].read_text().splitlines()]
+    with torch.no_grad():
+        inputs = tokenizer(
+            [r["text"] for r in rows], truncation=True, max_length=16, padding=True, return_tensors="pt"
+        )
+        predicted = model(**inputs).logits.argmax(-1).tolist()
+    labels = [r["label"] for r in rows]
+    f1s = []
+    for k in range(3):
+        tp = sum(p == k and y == k for p, y in zip(predicted, labels, strict=True))
+        fp = sum(p == k and y != k for p, y in zip(predicted, labels, strict=True))
+        fn = sum(p != k and y == k for p, y in zip(predicted, labels, strict=True))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    assert row["expert"] == pytest.approx(sum(f1s) / 3, abs=1e-6)
