@@ -143,6 +143,7 @@ def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
         )
     for param in skeleton.parameters():
         param.requires_grad_(False)
+    _check_finite("model.base", {n: t for n, t in base_state.items() if n not in heads})
 
     vectors: dict[str, list[Tensor]] = {n: [] for n in base_state if n not in heads}
     task_heads: dict[str, dict[str, Tensor]] = {}
@@ -154,6 +155,13 @@ def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
                 f"expert {task!r}: tensor {sorted(info['missing_keys'])[0]!r} is missing from "
                 f"{str(paths[task])!r} (it would be randomly initialised)"
             )
+        if info["unexpected_keys"]:
+            raise ExpertMismatchError(
+                f"expert {task!r}: tensor {sorted(info['unexpected_keys'])[0]!r} in {str(paths[task])!r} "
+                f"is not part of the {cls.__name__} architecture ({len(info['unexpected_keys'])} such); "
+                "was it saved from another model class?"
+            )
+        _check_tokenizer(task, paths[task], paths["base"])
         state = {n: p.detach() for n, p in model.named_parameters()}
         _check_tensors(task, state, base_state, heads)
         for name, column in vectors.items():
@@ -177,9 +185,43 @@ def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
     )
 
 
+def _check_finite(role: str, state: dict[str, Tensor]) -> None:
+    for name, tensor in state.items():
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            raise ExpertMismatchError(
+                f"{role}: tensor {name!r} holds {int(bad.sum())} NaN/inf value(s); "
+                "the model is corrupted (re-export it, or check its fine-tuning for divergence)"
+            )
+
+
+def _tokenizer_vocab(folder: Path) -> dict[str, int] | None:
+    if not any(
+        (folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
+    ):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
+def _check_tokenizer(task: str, folder: Path, base: Path) -> None:
+    """An expert saved with its own tokenizer must use the base's vocabulary: token ids must mean
+    the same thing in every model that is merged."""
+    mine, reference = _tokenizer_vocab(folder), _tokenizer_vocab(base)
+    if mine is None or reference is None or mine == reference:
+        return
+    differing = sorted(set(mine.items()) ^ set(reference.items()))[0][0]
+    raise ExpertMismatchError(
+        f"expert {task!r}: its tokenizer's vocabulary differs from the base's ({len(mine)} vs "
+        f"{len(reference)} tokens; e.g. {differing!r}); experts must be fine-tuned with the base's tokenizer"
+    )
+
+
 def _check_tensors(
     task: str, state: dict[str, Tensor], base_state: dict[str, Tensor], heads: set[str]
 ) -> None:
+    _check_finite(f"expert {task!r}", state)
     extra = sorted(set(state) - set(base_state))
     if extra:
         raise ExpertMismatchError(

@@ -365,6 +365,7 @@ class DivMergeModule(L.LightningModule):
         report = self._report(merged)
         for task, row in report["tasks"].items():
             self.log(f"val/{task}/{row['metric']}", row["merged"])
+            self.log(f"val/{task}/expert_{row['metric']}", row["expert"])
             self.log(f"val/{task}/normalized", row["normalized"])
         if report["tasks"]:
             self.log("val/normalized", report["average"]["normalized"], prog_bar=True)

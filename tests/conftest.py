@@ -74,7 +74,8 @@ def save_tokenizer(folder: Path) -> BertTokenizerFast:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)}, do_lower_case=True)
+    assert tokenizer("good movie")["input_ids"] == [2, 5, 9, 3], "tiny tokenizer lost its vocabulary"
     tokenizer.save_pretrained(folder)
     return tokenizer
 

@@ -79,3 +79,44 @@ def test_experts_in_one_dtype_load_silently_and_mixed_dtypes_warn(tiny):
     with pytest.warns(UserWarning, match=r"different dtypes.*'half': 'bfloat16'.*upcast to float32"):
         loaded = load_experts(str(tiny.base), {"beta": experts["beta"], "half": str(half)})
     assert all(v.dtype == torch.float32 for v in loaded.task_vectors.values())
+
+
+def test_expert_with_an_extra_tensor_names_it(tiny):
+    extra = tiny.root / "extra"
+    make_expert(tiny.base, extra, 2, seed=7)
+    state = load_file(extra / "model.safetensors")
+    state["bert.encoder.layer.9.output.dense.weight"] = torch.zeros(2, 2)
+    save_file(state, extra / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExpertMismatchError, match=r"'extra'.*layer\.9\.output\.dense\.weight.*not part of"):
+        load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "extra": str(extra)})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_expert_with_nan_or_inf_weights_names_the_tensor(tiny, bad):
+    broken = tiny.root / "broken"
+    make_expert(tiny.base, broken, 2, seed=8)
+    state = load_file(broken / "model.safetensors")
+    state["bert.encoder.layer.0.attention.output.dense.weight"][1, 2] = bad
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ExpertMismatchError, match=r"'broken'.*layer\.0\.attention\.output\.dense\.weight.*1 NaN/inf"
+    ):
+        load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "broken": str(broken)})
+
+
+def test_expert_with_another_vocabulary_is_refused(tiny):
+    # another vocabulary size: the word embeddings' shapes differ
+    bigger = tiny.root / "bigger"
+    BertForSequenceClassification(tiny_config(2, vocab_size=60)).save_pretrained(bigger)
+    with pytest.raises(ExpertMismatchError, match=r"'bigger'.*word_embeddings\.weight.*shape \(60, 32\)"):
+        load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "bigger": str(bigger)})
+    # same size, other tokens: only the tokenizer tells
+    renamed = tiny.root / "renamed"
+    make_expert(tiny.base, renamed, 2, seed=9)
+    vocab = renamed / "vocab.txt"
+    vocab.write_text(vocab.read_text().replace("\ngood\n", "\nnice\n"))
+    (renamed / "tokenizer.json").unlink()
+    with pytest.raises(
+        ExpertMismatchError, match=r"'renamed'.*tokenizer's vocabulary differs.*'(good|nice)'"
+    ):
+        load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "renamed": str(renamed)})
