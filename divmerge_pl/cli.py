@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callbacks import MergedModelExport
@@ -21,6 +22,10 @@ class DivMergeCLI(LightningCLI):
         parser.link_arguments("model.init_args.base", "data.init_args.tokenizer")
         # Always on: every fit ends with merged/, coefficients.json and report.json.
         parser.add_lightning_class_args(MergedModelExport, "export")
+        # Checkpoints hold only the coefficients and Adam's state (kilobytes): keep the last one
+        # and one at any exception (Ctrl-C, a non-finite loss), so `--ckpt_path last` resumes.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_on_exception": True})
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:

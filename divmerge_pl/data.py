@@ -143,7 +143,9 @@ class MergeDataModule(L.LightningDataModule):
         self.tokenizer = AutoTokenizer.from_pretrained(Path(self.tokenizer_path).expanduser())
         train_parts, eval_parts = [], []
         for task_id, task in enumerate(self.tasks):
-            rows = read_rows(task.name, task.train_files, task.text_fields)
+            rows = drop_empty_texts(
+                read_rows(task.name, task.train_files, task.text_fields), task, "train_files"
+            )
             if len(rows) < task.num_samples:
                 log.warning(
                     "task %r: %d rows asked for but the files hold %d; using all of them",
@@ -157,7 +159,7 @@ class MergeDataModule(L.LightningDataModule):
                 if task.label_field is None:
                     raise ValueError(f"task {task.name!r}: eval_files given but no label_field")
                 columns = [*task.text_fields, task.label_field]
-                rows = read_rows(task.name, task.eval_files, columns)
+                rows = drop_empty_texts(read_rows(task.name, task.eval_files, columns), task, "eval_files")
                 if task.eval_samples is not None:
                     rows = rows.select(range(min(task.eval_samples, len(rows))))
                 eval_parts.append(self._encode(rows, task, task_id, with_labels=True))
@@ -167,16 +169,29 @@ class MergeDataModule(L.LightningDataModule):
     def _encode(self, rows: Dataset, task: TaskSpec, task_id: int, with_labels: bool) -> Dataset:
         def encode(batch: dict[str, list]) -> dict[str, Any]:
             texts = [[str(x) if x is not None else "" for x in batch[f]] for f in task.text_fields]
+            full = self.tokenizer(*texts, truncation=False)["input_ids"]
             encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
             out = {k: encoded[k] for k in MODEL_INPUTS if k in encoded}
+            out["truncated"] = [len(ids) > self.max_length for ids in full]
             out["task_id"] = [task_id] * len(texts[0])
             if with_labels:
                 out["labels"] = [_as_label(task.name, v) for v in batch[task.label_field]]
             return out
 
-        return rows.map(
+        encoded = rows.map(
             encode, batched=True, remove_columns=rows.column_names, desc=f"tokenising {task.name}"
         )
+        truncated = sum(encoded["truncated"])
+        if truncated:
+            log.warning(
+                "task %r: %d of %d %s inputs are longer than max_length=%d tokens and were truncated",
+                task.name,
+                truncated,
+                len(encoded),
+                "eval" if with_labels else "merge",
+                self.max_length,
+            )
+        return encoded.remove_columns("truncated")
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad model inputs; carry ``task_id``, ``row_id`` (and ``labels``) alongside."""
@@ -191,10 +206,22 @@ class MergeDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_rows,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(len(self.train_rows), self.seed),
+            sampler=self._train_sampler(),
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
+
+    def _train_sampler(self) -> EpochShuffle:
+        sampler = EpochShuffle(len(self.train_rows), self.seed)
+        trainer = self.trainer
+        if trainer is not None:
+            # Resumed mid-epoch: Lightning restores its loop counters but restarts the loader, so
+            # skip the rows of that epoch already used; the run then ends exactly as unbroken.
+            loop = trainer.fit_loop
+            done = loop.epoch_loop.batch_progress.current.processed
+            if done:
+                sampler.skip_at(loop.epoch_progress.current.completed, done * self.batch_size)
+        return sampler
 
     def ordered_dataloader(self, rows: Dataset) -> DataLoader:
         """All of ``rows`` in order: for teacher outputs and evaluation."""
@@ -222,16 +249,44 @@ class EpochShuffle(Sampler[int]):
         self.size = size
         self.seed = seed
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+
+    def skip_at(self, epoch: int, rows: int) -> None:
+        """Leave out the first ``rows`` of ``epoch``'s order, once (resuming mid-epoch)."""
+        self._skip = (epoch, rows)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order = order[self._skip[1] :]
+            self._skip = None
+        return iter(order)
 
     def __len__(self) -> int:
         return self.size
+
+
+def drop_empty_texts(rows: Dataset, task: TaskSpec, source: str) -> Dataset:
+    """Rows whose text fields are all empty carry nothing to match: skip them, say how many."""
+
+    def has_text(row: dict[str, Any]) -> bool:
+        return any(row[f] is not None and str(row[f]).strip() for f in task.text_fields)
+
+    kept = rows.filter(has_text, desc=f"checking {task.name}")
+    if len(kept) < len(rows):
+        log.warning(
+            "task %r: %d row(s) of %s have empty text and are skipped",
+            task.name,
+            len(rows) - len(kept),
+            source,
+        )
+    if len(kept) == 0:
+        raise ValueError(f"task {task.name!r}: every row of {source} has empty {task.text_fields}")
+    return kept
 
 
 def _with_row_ids(rows: Dataset) -> Dataset:

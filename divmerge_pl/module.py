@@ -267,6 +267,8 @@ class DivMergeModule(L.LightningModule):
             t = order[dm_id]
             train = _rows_of(dm.train_rows, dm_id)
             evals = _rows_of(dm.eval_rows, dm_id) if dm.eval_rows is not None else None
+            if evals is not None:
+                _check_labels(name, evals["labels"], self.frozen.num_classes(t))
             key = cache_key(
                 self.frozen.fingerprints[name],
                 token_fingerprint(train["input_ids"]),
@@ -323,14 +325,21 @@ class DivMergeModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         merged = self.merged_tensors()
-        total = torch.zeros((), device=self.device)
         name = self.hparams.objective
+        values = {}
         for t, rows in self._task_rows(batch):
             logq = torch.log_softmax(self._task_logits(t, merged, batch, rows).float(), dim=-1)
             logp = self.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
-            value = masked_mean(self.objective(logp, logq))
-            self.log(f"train/{name}/{self.tasks[t]}", value, batch_size=int(rows.sum()))
-            total = total + value
+            values[self.tasks[t]] = masked_mean(self.objective(logp, logq))
+            self.log(f"train/{name}/{self.tasks[t]}", values[self.tasks[t]], batch_size=int(rows.sum()))
+        total = torch.stack(list(values.values())).sum()
+        if not torch.isfinite(total):  # stop before Adam writes NaN into the coefficients
+            bad = {task: float(v) for task, v in values.items() if not torch.isfinite(v)}
+            raise FloatingPointError(
+                f"step {self.global_step}: the {name} objective is not finite for task(s) {bad}; "
+                "the coefficients are still those of the last good step (saved in the checkpoint on "
+                "exception). Lower model.lr, or check the experts and inputs of those tasks"
+            )
         self.log("train/loss", total, prog_bar=True, batch_size=len(batch["task_id"]))
         return total
 
@@ -437,6 +446,15 @@ class DivMergeModule(L.LightningModule):
                     f"({str(self.frozen.paths.get(role, '?'))!r} changed since): resuming would "
                     "mix coefficients of other experts; start a new run instead"
                 )
+
+
+def _check_labels(task: str, labels: list[int], num_classes: int) -> None:
+    bad = sorted({y for y in labels if not 0 <= y < num_classes})
+    if bad:
+        raise ValueError(
+            f"task {task!r}: eval label(s) {bad[:5]} outside 0..{num_classes - 1}, the classes of "
+            f"expert {task!r}'s head; check label_field and that labels are mapped as in fine-tuning"
+        )
 
 
 def _rows_of(rows: Dataset, task_id: int) -> Dataset:

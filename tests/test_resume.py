@@ -1,0 +1,80 @@
+"""Interrupted runs: Ctrl-C leaves a checkpoint, and resuming from it ends exactly where an
+uninterrupted run ends; a non-finite objective stops the run with the step and task named."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from divmerge_pl.cli import main
+
+from .test_fit import run_dir, write_config
+
+
+class InterruptAt(L.Callback):
+    """Raises what Ctrl-C raises, after ``step`` optimisation steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class PoisonAt(L.Callback):
+    """Makes task ``beta``'s teacher targets NaN before step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            pl_module.teacher_logprobs[:] = float("nan")
+
+
+def with_callback(config_path, class_path: str, step: int):
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"]["callbacks"] = [{"class_path": class_path, "init_args": {"step": step}}]
+    config_path.write_text(yaml.safe_dump(config))
+    return config_path
+
+
+def final_coefficients(folder) -> torch.Tensor:
+    runs = sorted((folder / "lightning_logs").iterdir())
+    return torch.tensor(json.loads((runs[-1] / "coefficients.json").read_text())["values"])
+
+
+@pytest.mark.parametrize("stop_at", [6, 8])  # at an epoch boundary (6 batches per epoch), and mid-epoch
+def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at):
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "whole", epochs=3))])
+
+    broken = tiny.root / "broken"
+    config = with_callback(write_config(tiny, broken, epochs=3), "tests.test_resume.InterruptAt", stop_at)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    checkpoint = run_dir(broken) / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == stop_at
+    assert not (run_dir(broken) / "report.json").exists()  # an interrupted run exports nothing
+
+    config = write_config(tiny, broken, epochs=3)  # the same run, without the interruption
+    main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    torch.testing.assert_close(
+        final_coefficients(broken), final_coefficients(tiny.root / "whole"), atol=1e-6, rtol=0
+    )
+
+
+def test_non_finite_objective_stops_with_step_and_task_and_keeps_good_coefficients(tiny):
+    folder = tiny.root / "nan"
+    config = with_callback(write_config(tiny, folder, epochs=2), "tests.test_resume.PoisonAt", 4)
+    with pytest.raises(
+        FloatingPointError, match=r"step 4: the js objective is not finite for task\(s\) \{'(alpha|beta)'"
+    ):
+        main(["fit", "--config", str(config)])
+    saved = torch.load(run_dir(folder) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4
+    assert torch.isfinite(saved["state_dict"]["coefficients"]).all()
