@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -27,6 +28,29 @@ class DivMergeCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_on_exception": True})
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint while parsing (for its hyperparameters): check it first
+        # so a damaged file is named instead of surfacing as a bare zip-reader error.
+        if self.config.get("subcommand"):
+            check_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+
+def check_checkpoint(path: str | None) -> None:
+    """A truncated or corrupted checkpoint fails here, named, not deep inside a restore."""
+    if path is None or path in ("last", "best", "hpc", "registry") or not os.path.isfile(path):
+        return  # Lightning resolves the keywords and reports a missing file itself
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several kinds for a damaged file
+        raise ValueError(
+            f"checkpoint {path!r} cannot be read ({type(err).__name__}: {err}); it is truncated or "
+            "corrupted: resume from another one (checkpoints/ keeps last.ckpt and the newest epoch) "
+            "or start a new run without --ckpt_path"
+        ) from err
+    if "state_dict" not in state or "coefficients" not in state["state_dict"]:
+        raise ValueError(f"checkpoint {path!r} is not a divmerge-pl checkpoint (it holds no coefficients)")
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:
     return DivMergeCLI(
@@ -37,6 +61,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        # one usage line, so a config mistake's message is not buried under every Trainer option
+        parser_kwargs={
+            name: {"usage": f"divmerge-pl {name} --config CONFIG [options] (--help lists them)"}
+            for name in ("fit", "validate", "test", "predict")
+        },
     )
 
 

@@ -63,7 +63,15 @@ def read_rows(task: str, files: str | list[str], columns: list[str]) -> Dataset:
             f"task {task!r}: data files {[str(p) for p in paths]} must all be one of {', '.join(_BUILDERS)}"
         )
     builder = _BUILDERS[suffixes.pop()]
-    rows = load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+    empty = [str(p) for p in paths if p.stat().st_size < 4096 and not p.read_bytes().strip()]
+    if empty:
+        raise ValueError(f"task {task!r}: {empty} hold no rows (the file is empty)")
+    try:
+        rows = load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+    except Exception as err:  # datasets raises many kinds for a malformed file
+        raise ValueError(
+            f"task {task!r}: cannot read {[str(p) for p in paths]} as {builder} ({type(err).__name__}: {err})"
+        ) from err
     for column in columns:
         if column not in rows.column_names:
             raise ValueError(
