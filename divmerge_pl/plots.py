@@ -37,7 +37,19 @@ def divergence_curves(history: Mapping[str, Sequence[tuple[int, float]]], object
     for task, points in history.items():
         if points:
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=task)
+            (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+            # a few rows per task per batch make each point noisy: show a running mean too
+            window = max(1, len(values) // 20)
+            smooth = [
+                sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                for i in range(len(values))
+            ]
+            ax.plot(
+                steps,
+                smooth,
+                color=line.get_color(),
+                label=task if window == 1 else f"{task} (mean of {window} steps)",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(f"{objective} to the expert" if objective != "entropy" else "entropy")
     ax.set_yscale("log")
