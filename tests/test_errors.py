@@ -159,3 +159,53 @@ def test_damaged_checkpoint_is_named(tiny):
         ValueError, match=r"checkpoint .*last\.ckpt.* cannot be read .*truncated or corrupted"
     ):
         main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint)])
+
+
+def test_outputs_of_an_earlier_run_are_never_overwritten_unless_asked(tiny):
+    out = tiny.root / "out"
+    config = str(write_config(tiny, tiny.root / "run", epochs=1))
+    main(["fit", "--config", config, f"--export.dirpath={out}"])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(
+        FileExistsError, match=r"already holds merged, coefficients\.json, report\.json.*overwrite"
+    ):
+        main(["fit", "--config", config, f"--export.dirpath={out}", "--trainer.max_epochs=2"])
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    main(
+        [
+            "fit",
+            "--config",
+            config,
+            f"--export.dirpath={out}",
+            "--trainer.max_epochs=2",
+            "--export.overwrite=true",
+        ]
+    )
+    assert before != {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_an_interrupted_export_leaves_nothing_that_looks_complete(tiny, monkeypatch):
+    from divmerge_pl import export
+
+    saved = []
+    real = export.save_model
+
+    def save_then_fail(model, folder, tokenizer=None):
+        if saved:
+            raise OSError("disk full")
+        saved.append(folder)
+        real(model, folder, tokenizer)
+
+    monkeypatch.setattr(export, "save_model", save_then_fail)
+    out = tiny.root / "out"
+    with pytest.raises(OSError, match="disk full"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(write_config(tiny, tiny.root / "run", epochs=1)),
+                f"--export.dirpath={out}",
+            ]
+        )
+    assert saved  # the first task's model was written, into the temporary folder...
+    assert sorted(p.name for p in out.iterdir()) == []  # ...which is gone, and nothing else is there
