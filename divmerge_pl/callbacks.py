@@ -1,4 +1,5 @@
-"""Callbacks that plug DivMerge's outputs into any Lightning run."""
+"""Callbacks that plug DivMerge into any Lightning run. Each takes typed arguments, so
+LightningCLI configures it (see the YAML fragments in the top-level callbacks/ folder)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
 from transformers import AutoTokenizer
 
 from .export import check_free, print_report, write_outputs
@@ -15,22 +18,84 @@ from .module import DivMergeModule
 from .plots import coefficient_heatmap, divergence_curves
 
 
-class MergedModelExport(L.Callback):
-    """At the end of ``fit``: write ``merged/``, ``coefficients.json``, ``report.json`` and the
-    figures ``coefficients.png`` and ``divergence.png`` into the run's log directory (or
-    ``dirpath``) and print the report table."""
+def _divmerge(pl_module: L.LightningModule, callback: L.Callback) -> DivMergeModule:
+    if not isinstance(pl_module, DivMergeModule):
+        raise TypeError(f"{type(callback).__name__} needs a DivMergeModule, got {type(pl_module).__name__}")
+    return pl_module
 
-    def __init__(self, dirpath: str | None = None, overwrite: bool = False, plots: bool = True) -> None:
+
+class CoefficientMonitor(L.Callback):
+    """Watch the optimisation: log each task's coefficient mean/min/max every step, and at the
+    end print a table of them and write ``coefficients.png`` (tasks x groups heatmap) and
+    ``divergence.png`` (each task's objective against the step) into the run's log directory."""
+
+    def __init__(self, log_stats: bool = True, table: bool = True, plots: bool = True) -> None:
+        """
+        Args:
+            log_stats: log ``coef/<task>/{mean,min,max}`` to the Trainer's loggers every step.
+            table: print the per-task coefficient table at the end of ``fit``.
+            plots: write the heatmap and the divergence curves at the end of ``fit``.
+        """
+        self.log_stats = log_stats
+        self.table = table
+        self.plots = plots
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        module = _divmerge(pl_module, self)
+        gamma = module.coefficients.detach()
+        if self.log_stats:
+            for t, task in enumerate(module.tasks):
+                module.log(f"coef/{task}/mean", gamma[t].mean())
+                if gamma.shape[1] > 1:
+                    module.log(f"coef/{task}/min", gamma[t].min())
+                    module.log(f"coef/{task}/max", gamma[t].max())
+        prefix = f"train/{module.hparams.objective}/"
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and not key.endswith("_epoch"):
+                task = key.removeprefix(prefix).removesuffix("_step")
+                self.history[task].append((trainer.global_step, float(value)))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module = _divmerge(pl_module, self)
+        coefficients = module.coefficient_table()
+        if coefficients is None:
+            return
+        if self.table:
+            print_coefficients(coefficients)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        if self.plots:
+            coefficient_heatmap(coefficients, folder / "coefficients.png")
+            if self.history:
+                divergence_curves(self.history, module.hparams.objective, folder / "divergence.png")
+
+
+def print_coefficients(coefficients: dict, console: Console | None = None) -> None:
+    table = Table(
+        title=f"coefficients ({coefficients['granularity']}, {len(coefficients['groups'])} group(s))"
+    )
+    for column in ("task", "mean", "min", "max"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, row in zip(coefficients["tasks"], coefficients["values"], strict=True):
+        table.add_row(task, f"{sum(row) / len(row):.4f}", f"{min(row):.4f}", f"{max(row):.4f}")
+    (console or Console()).print(table)
+
+
+class MergedModelExport(L.Callback):
+    """At the end of ``fit``: write ``merged/``, ``coefficients.json`` and ``report.json`` into
+    the run's log directory (or ``dirpath``) and print the report table."""
+
+    def __init__(self, dirpath: str | None = None, overwrite: bool = False) -> None:
         """
         Args:
             dirpath: where to write; None means the trainer's ``log_dir``.
             overwrite: replace the outputs of an earlier run in the same folder.
-            plots: also write the coefficient heatmap and the per-task divergence curves.
         """
         self.dirpath = dirpath
         self.overwrite = overwrite
-        self.plots = plots
-        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
     def folder(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir).expanduser()
@@ -39,43 +104,25 @@ class MergedModelExport(L.Callback):
         if trainer.is_global_zero:
             check_free(self.folder(trainer), self.overwrite)  # fail now, not after the run
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not isinstance(pl_module, DivMergeModule):
-            return
-        prefix = f"train/{pl_module.hparams.objective}/"
-        for key, value in trainer.callback_metrics.items():
-            if key.startswith(prefix) and not key.endswith("_epoch"):
-                self.history[key.removeprefix(prefix).removesuffix("_step")].append(
-                    (trainer.global_step, float(value))
-                )
-
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, DivMergeModule):
-            raise TypeError(f"MergedModelExport needs a DivMergeModule, got {type(pl_module)}")
+        module = _divmerge(pl_module, self)
         if trainer.interrupted:
             return
-        self.export(trainer, pl_module)
+        self.export(trainer, module)
 
     @rank_zero_only
     def export(self, trainer: L.Trainer, module: DivMergeModule) -> Path:
         """Write every output of ``module``'s current merge; also used by ``divmerge-pl merge``."""
         folder = self.folder(trainer)
         report = module.evaluate()
-        coefficients = module.coefficient_table()
         tokenizer = AutoTokenizer.from_pretrained(module.frozen.paths["base"])
         write_outputs(
             folder,
             module.merged_models(),
-            coefficients,
+            module.coefficient_table(),
             report,
             tokenizer=tokenizer,
             overwrite=self.overwrite,
         )
-        if self.plots and coefficients is not None:
-            coefficient_heatmap(coefficients, folder / "coefficients.png")
-        if self.plots and self.history:
-            divergence_curves(self.history, module.hparams.objective, folder / "divergence.png")
         print_report(report, title=f"{report['method']} -> {folder}")
         return folder

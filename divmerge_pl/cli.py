@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import MergedModelExport
+from .callbacks import CoefficientMonitor, MergedModelExport
 from .data import MergeDataModule
 from .module import DivMergeModule
 
@@ -23,6 +23,7 @@ class DivMergeCLI(LightningCLI):
         parser.link_arguments("model.init_args.base", "data.init_args.tokenizer")
         # Always on: every fit ends with merged/, coefficients.json and report.json.
         parser.add_lightning_class_args(MergedModelExport, "export")
+        parser.add_lightning_class_args(CoefficientMonitor, "monitor")
         # Checkpoints hold only the coefficients and Adam's state (kilobytes): keep the last one
         # and one at any exception (Ctrl-C, a non-finite loss), so `--ckpt_path last` resumes.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

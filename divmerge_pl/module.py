@@ -341,15 +341,9 @@ class DivMergeModule(L.LightningModule):
                 "exception). Lower model.lr, or check the experts and inputs of those tasks"
             )
         self.log("train/loss", total, prog_bar=True, batch_size=len(batch["task_id"]))
+        # the epoch mean, for EarlyStopping(monitor="train/epoch_loss", check_on_train_epoch_end=True)
+        self.log("train/epoch_loss", total, on_step=False, on_epoch=True, batch_size=len(batch["task_id"]))
         return total
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        gamma = self.coefficients.detach()
-        for t, task in enumerate(self.tasks):
-            self.log(f"coef/{task}/mean", gamma[t].mean())
-            if gamma.shape[1] > 1:
-                self.log(f"coef/{task}/min", gamma[t].min())
-                self.log(f"coef/{task}/max", gamma[t].max())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.coefficients], lr=self.hparams.lr)
@@ -428,23 +422,29 @@ class DivMergeModule(L.LightningModule):
             yield task, build_model(self.frozen.skeleton, tensors, self.frozen.configs[task])
 
     # ------------------------------------------------------------------ checkpoints
+    def _fingerprints(self) -> dict[str, str]:
+        """Base, experts and the merge's inputs: what a checkpoint's coefficients belong to."""
+        rows = self._datamodule().train_rows
+        return {**self.frozen.fingerprints, "data": token_fingerprint(rows["input_ids"])}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["divmerge"] = {
-            "fingerprints": dict(self.frozen.fingerprints),
-            "groups": list(self.layout.groups),
-        }
+        checkpoint["divmerge"] = {"fingerprints": self._fingerprints(), "groups": list(self.layout.groups)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("divmerge")
         if saved is None or self.frozen is None:
             return
+        now = self._fingerprints()
         for role, digest in saved["fingerprints"].items():
-            now = self.frozen.fingerprints.get(role)
-            if now != digest:
+            if now.get(role) != digest:
+                what = (
+                    "the merge's inputs (data.tasks files or num_samples)"
+                    if role == "data"
+                    else (f"{role!r} ({str(self.frozen.paths.get(role, '?'))!r})")
+                )
                 raise ValueError(
-                    f"checkpoint was made with different weights for {role!r} "
-                    f"({str(self.frozen.paths.get(role, '?'))!r} changed since): resuming would "
-                    "mix coefficients of other experts; start a new run instead"
+                    f"checkpoint was made with other weights or data: {what} changed since; resuming "
+                    "would continue coefficients learned for something else; start a new run instead"
                 )
 
 

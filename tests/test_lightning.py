@@ -1,0 +1,200 @@
+"""DivMerge inside the Lightning ecosystem: callback fragments in any LightningCLI, kilobyte
+checkpoints tied to their experts, SIGTERM and SLURM's SIGUSR1 with exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from transformers import AutoModelForSequenceClassification
+
+from divmerge_pl import DivMergeModule, MergeDataModule
+from divmerge_pl.cli import main
+
+from .test_fit import run_dir, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_callback_fragments_plug_into_any_lightning_cli(tiny):
+    """A plain LightningCLI (not ours) gets the export, the monitor and early stopping from the
+    fragments in callbacks/."""
+    config = write_config(tiny, tiny.root / "run", epochs=30)
+    fragments = [
+        f"--trainer.callbacks+={REPO / 'callbacks' / name}.yaml"
+        for name in ("merged_model_export", "coefficient_monitor", "early_stopping")
+    ]
+    cli = LightningCLI(
+        DivMergeModule,
+        MergeDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            f"--data.init_args.tokenizer={tiny.base}",
+            *fragments,
+            "--trainer.callbacks.init_args.min_delta=10",  # applies to the last one: early stopping
+            "--trainer.log_every_n_steps=1",
+        ],
+    )
+    run = run_dir(tiny.root / "run")
+    for name in ("report.json", "coefficients.json", "coefficients.png", "divergence.png"):
+        assert (run / name).is_file(), name
+    assert (run / "merged" / "alpha" / "config.json").is_file()
+    # early stopping on train/epoch_loss: a min_delta of 10 is never met, so patience 2 stops at epoch 3
+    assert cli.trainer.current_epoch == 3
+    logged = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "coef/alpha/mean" in logged and "train/epoch_loss" in logged
+
+
+def test_checkpoint_holds_only_coefficients_and_is_tied_to_its_experts(tiny):
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "run", epochs=1))])
+    checkpoint = run_dir(tiny.root / "run") / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert list(state["state_dict"]) == ["coefficients"]
+    assert set(state["divmerge"]["fingerprints"]) == {"base", "alpha", "beta", "data"}
+    model_bytes = sum(p.stat().st_size for p in tiny.root.glob("experts/*/model.safetensors"))
+    assert checkpoint.stat().st_size < 0.2 * model_bytes  # tiny models: real ones are ~1000x bigger
+
+    expert = AutoModelForSequenceClassification.from_pretrained(tiny.experts["beta"])
+    with torch.no_grad():
+        expert.bert.pooler.dense.bias.add_(0.5)
+    expert.save_pretrained(tiny.experts["beta"])
+    config = write_config(tiny, tiny.root / "resumed", epochs=2)
+    with pytest.raises(ValueError, match=r"other weights or data: 'beta' .* changed since"):
+        main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint)])
+
+
+class SlowSteps(L.Callback):
+    """Slows each step down and records progress, so another process can signal mid-run."""
+
+    def __init__(self, seconds: float, progress: str) -> None:
+        self.seconds = seconds
+        self.progress = Path(progress)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.progress.write_text(str(trainer.global_step))
+        time.sleep(self.seconds)
+
+
+def _run_and_signal(config: Path, sig: int, at_step: int, env: dict[str, str], progress: Path) -> int:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "divmerge_pl.cli", "fit", "--config", str(config)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if progress.is_file() and progress.read_text() and int(progress.read_text()) >= at_step:
+            break
+        time.sleep(0.05)
+    process.send_signal(sig)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # SIGUSR1 only checkpoints and requeues: the job goes on
+        process.kill()
+        _, err = process.communicate()
+    assert "Traceback" not in err or "SIGTERM" in err or sig != signal.SIGTERM, err[-3000:]
+    return process.returncode
+
+
+def _slow_config(tiny, folder: Path, progress: Path) -> Path:
+    config = write_config(tiny, folder, epochs=3)
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["callbacks"] = [
+        {
+            "class_path": "tests.test_lightning.SlowSteps",
+            "init_args": {"seconds": 0.3, "progress": str(progress)},
+        }
+    ]
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def _final(folder: Path) -> torch.Tensor:
+    runs = sorted((folder / "lightning_logs").iterdir())
+    return torch.tensor(json.loads((runs[-1] / "coefficients.json").read_text())["values"])
+
+
+def test_sigterm_then_resume_ends_like_an_unbroken_run(tiny):
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "whole", epochs=3))])
+    progress = tiny.root / "progress"
+    broken = tiny.root / "broken"
+    _run_and_signal(_slow_config(tiny, broken, progress), signal.SIGTERM, 8, {}, progress)
+    checkpoint = run_dir(broken) / "checkpoints" / "last.ckpt"
+    step = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert 8 <= step < 18  # stopped mid-run, on a step boundary
+    main(["fit", "--config", str(write_config(tiny, broken, epochs=3)), "--ckpt_path", str(checkpoint)])
+    torch.testing.assert_close(_final(broken), _final(tiny.root / "whole"), atol=1e-6, rtol=0)
+
+
+def test_slurm_requeue_signal_saves_a_checkpoint_that_resumes_exactly(tiny, tmp_path):
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "whole", epochs=3))])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "requeued"
+    scontrol = bin_dir / "scontrol"  # what the cluster would run: record the call
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {requeued}\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "divmerge",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    progress = tiny.root / "progress"
+    broken = tiny.root / "broken"
+    _run_and_signal(_slow_config(tiny, broken, progress), signal.SIGUSR1, 8, slurm, progress)
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    (hpc,) = broken.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, weights_only=False)["global_step"] >= 8
+    # the requeued job starts again with the same command: Lightning resumes from hpc_ckpt
+    config = write_config(tiny, broken, epochs=3)
+    main(["fit", "--config", str(config), "--ckpt_path", "hpc"])
+    torch.testing.assert_close(_final(broken), _final(tiny.root / "whole"), atol=1e-6, rtol=0)
+
+
+def test_slurm_job_environment_is_detected(tiny, monkeypatch):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    for key, value in {
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NAME": "divmerge",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }.items():
+        monkeypatch.setenv(key, value)
+    cli = main_cli(["--config", str(write_config(tiny, tiny.root / "run"))])
+    environment = cli.trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment)
+    assert environment.auto_requeue and environment.job_id() == 7
+
+
+def main_cli(args: list[str]):
+    from divmerge_pl.cli import build_cli
+
+    return build_cli(args, run=False)
