@@ -58,15 +58,17 @@ class CoefficientMonitor(L.Callback):
                 task = key.removeprefix(prefix).removesuffix("_step")
                 self.history[task].append((trainer.global_step, float(value)))
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module = _divmerge(pl_module, self)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: it broadcasts
+        self._report(folder, _divmerge(pl_module, self))
+
+    @rank_zero_only
+    def _report(self, folder: Path, module: DivMergeModule) -> None:
         coefficients = module.coefficient_table()
         if coefficients is None:
             return
         if self.table:
             print_coefficients(coefficients)
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         if self.plots:
             coefficient_heatmap(coefficients, folder / "coefficients.png")
             if self.history:
@@ -101,8 +103,9 @@ class MergedModelExport(L.Callback):
         return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir).expanduser()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = self.folder(trainer)  # on every rank: trainer.log_dir broadcasts
         if trainer.is_global_zero:
-            check_free(self.folder(trainer), self.overwrite)  # fail now, not after the run
+            check_free(folder, self.overwrite)  # fail now, not after the run
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = _divmerge(pl_module, self)
@@ -110,10 +113,14 @@ class MergedModelExport(L.Callback):
             return
         self.export(trainer, module)
 
-    @rank_zero_only
     def export(self, trainer: L.Trainer, module: DivMergeModule) -> Path:
-        """Write every output of ``module``'s current merge; also used by ``divmerge-pl merge``."""
-        folder = self.folder(trainer)
+        """Write every output of ``module``'s current merge (rank 0); also used by ``divmerge-pl merge``."""
+        folder = self.folder(trainer)  # on every rank: trainer.log_dir broadcasts
+        self._write(folder, module)
+        return folder
+
+    @rank_zero_only
+    def _write(self, folder: Path, module: DivMergeModule) -> None:
         report = module.evaluate()
         tokenizer = AutoTokenizer.from_pretrained(module.frozen.paths["base"])
         write_outputs(
@@ -125,4 +132,3 @@ class MergedModelExport(L.Callback):
             overwrite=self.overwrite,
         )
         print_report(report, title=f"{report['method']} -> {folder}")
-        return folder

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer
 
 from .metrics import MetricName
@@ -220,15 +220,16 @@ class MergeDataModule(L.LightningDataModule):
         )
 
     def _train_sampler(self) -> EpochShuffle:
-        sampler = EpochShuffle(len(self.train_rows), self.seed)
         trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffle(len(self.train_rows), self.seed, replicas, rank)
         if trainer is not None:
             # Resumed mid-epoch: Lightning restores its loop counters but restarts the loader, so
             # skip the rows of that epoch already used; the run then ends exactly as unbroken.
             loop = trainer.fit_loop
             done = loop.epoch_loop.batch_progress.current.processed
             if done:
-                sampler.skip_at(loop.epoch_progress.current.completed, done * self.batch_size)
+                sampler.skip_at(loop.epoch_progress.current.completed, done * self.batch_size * replicas)
         return sampler
 
     def ordered_dataloader(self, rows: Dataset) -> DataLoader:
@@ -248,23 +249,29 @@ class MergeDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """A fresh permutation per epoch that depends only on ``(seed, epoch)``: the order does not
     hang on whatever else consumed the global RNG (expert fine-tuning, teacher passes), so reruns
-    and resumed runs see the same batches. Lightning calls ``set_epoch`` every epoch."""
+    and resumed runs see the same batches. Lightning calls ``set_epoch`` every epoch.
 
-    def __init__(self, size: int, seed: int) -> None:
+    With several processes, rank ``r`` takes every ``num_replicas``-th row of the one global
+    order, so the processes' batches together are exactly the single-process batch of
+    ``num_replicas x batch_size`` rows. (A DistributedSampler, so Lightning keeps it as it is.)
+    """
+
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ needs a dataset and a process group: neither is needed here
         self.size = size
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
+        self.shuffle = True
         self._skip: tuple[int, int] | None = None
 
     def skip_at(self, epoch: int, rows: int) -> None:
-        """Leave out the first ``rows`` of ``epoch``'s order, once (resuming mid-epoch)."""
+        """Leave out the first ``rows`` of ``epoch``'s global order, once (resuming mid-epoch)."""
         self._skip = (epoch, rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -272,10 +279,12 @@ class EpochShuffle(Sampler[int]):
         if self._skip is not None and self._skip[0] == self.epoch:
             order = order[self._skip[1] :]
             self._skip = None
-        return iter(order)
+        padding = -len(order) % self.num_replicas  # equal shares, as DistributedSampler does
+        order += order[:padding]
+        return iter(order[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.num_replicas)
 
 
 def drop_empty_texts(rows: Dataset, task: TaskSpec, source: str) -> Dataset:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
 from .data import MODEL_INPUTS, MergeDataModule
-from .divergences import get_objective, masked_mean
+from .divergences import get_objective
 from .experts import LoadedExperts, load_experts
 from .merged import build_model, expert_tensors, forward_logits, merge_tensors
 from .metrics import TaskScores, build_report
@@ -326,23 +326,34 @@ class DivMergeModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         merged = self.merged_tensors()
         name = self.hparams.objective
-        values = {}
+        task_sums: dict[int, Tensor] = {}
+        counts = torch.zeros(len(self.tasks), device=self.device)
         for t, rows in self._task_rows(batch):
             logq = torch.log_softmax(self._task_logits(t, merged, batch, rows).float(), dim=-1)
             logp = self.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
-            values[self.tasks[t]] = masked_mean(self.objective(logp, logq))
-            self.log(f"train/{name}/{self.tasks[t]}", values[self.tasks[t]], batch_size=int(rows.sum()))
-        total = torch.stack(list(values.values())).sum()
+            per_row = self.objective(logp, logq)
+            task_sums[t], counts[t] = per_row.sum(), per_row.numel()
+            self.log(f"train/{name}/{self.tasks[t]}", per_row.mean(), batch_size=per_row.numel())
+        zero = torch.zeros((), device=self.device)
+        sums = torch.stack([task_sums.get(t, zero) for t in range(len(self.tasks))])
+        world = self.trainer.world_size
+        if world > 1:  # each task's mean over the global batch, whatever share of it this rank holds
+            counts = self.all_gather(counts).sum(dim=0)
+        present = counts > 0
+        # DDP averages gradients over ranks, hence x world: the sum of per-task means, as on one device
+        total = (sums[present] / counts[present]).sum() * world
         if not torch.isfinite(total):  # stop before Adam writes NaN into the coefficients
-            bad = {task: float(v) for task, v in values.items() if not torch.isfinite(v)}
+            bad = [self.tasks[t] for t in range(len(self.tasks)) if not torch.isfinite(sums[t])]
             raise FloatingPointError(
                 f"step {self.global_step}: the {name} objective is not finite for task(s) {bad}; "
                 "the coefficients are still those of the last good step (saved in the checkpoint on "
                 "exception). Lower model.lr, or check the experts and inputs of those tasks"
             )
-        self.log("train/loss", total, prog_bar=True, batch_size=len(batch["task_id"]))
+        self.log("train/loss", total / world, prog_bar=True, batch_size=len(batch["task_id"]))
         # the epoch mean, for EarlyStopping(monitor="train/epoch_loss", check_on_train_epoch_end=True)
-        self.log("train/epoch_loss", total, on_step=False, on_epoch=True, batch_size=len(batch["task_id"]))
+        self.log(
+            "train/epoch_loss", total / world, on_step=False, on_epoch=True, batch_size=len(batch["task_id"])
+        )
         return total
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
