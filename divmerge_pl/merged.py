@@ -26,8 +26,10 @@ def merge_tensors(
     """``theta0_n + sum_t Gamma[t, group(n)] * tau_t_n`` for every merged tensor ``n``."""
     merged = {}
     for name, stacked in task_vectors.items():
-        gamma = coefficients[:, layout.group_of[name]].to(stacked.dtype)
-        merged[name] = base[name] + torch.tensordot(gamma, stacked, dims=1).to(base[name].dtype)
+        gamma = coefficients[:, layout.group_of[name]]
+        # low-precision storage (bf16 task vectors) is upcast here, one tensor at a time
+        delta = torch.tensordot(gamma, stacked.to(gamma.dtype), dims=1)
+        merged[name] = base[name] + delta.to(base[name].dtype)
     return merged
 
 

@@ -31,7 +31,7 @@ class FrozenExperts(nn.Module):
     """Base weights plus stacked task vectors and per-task heads: moved with the module,
     never trained, never checkpointed (a requeued job writes kilobytes, not the model)."""
 
-    def __init__(self, loaded: LoadedExperts) -> None:
+    def __init__(self, loaded: LoadedExperts, vector_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.kind = loaded.kind
         self.tasks = loaded.tasks
@@ -41,7 +41,7 @@ class FrozenExperts(nn.Module):
         self.skeleton = loaded.skeleton
         self.names = list(loaded.task_vectors)
         for i, stacked in enumerate(loaded.task_vectors.values()):
-            self.register_buffer(f"tau_{i}", stacked, persistent=False)
+            self.register_buffer(f"tau_{i}", stacked.to(vector_dtype), persistent=False)
         self.merge_source = "raw"  # which vectors the merge combines: raw, processed or static
         self.head_names = [list(h) for h in loaded.heads.values()]
         for t, head in enumerate(loaded.heads.values()):
@@ -122,6 +122,7 @@ class DivMergeModule(L.LightningModule):
         density: float = 0.2,
         drop_rate: float = 0.9,
         transform_seed: int = 0,
+        task_vector_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     ) -> None:
         """
         Args:
@@ -141,6 +142,8 @@ class DivMergeModule(L.LightningModule):
             density: fraction of each task vector kept by ``ties`` (TIES paper: 0.2).
             drop_rate: fraction of each task vector dropped by ``dare`` (DARE paper: 0.9).
             transform_seed: seed of ``dare``'s random drop.
+            task_vector_dtype: how task vectors are stored; ``bfloat16`` halves their memory
+                (the merge itself is computed in float32).
         """
         super().__init__()
         get_objective(objective)
@@ -180,7 +183,7 @@ class DivMergeModule(L.LightningModule):
         if self.frozen is not None:
             return
         loaded = load_experts(self.hparams.base, dict(self.hparams.experts))
-        self.frozen = FrozenExperts(loaded)
+        self.frozen = FrozenExperts(loaded, getattr(torch, self.hparams.task_vector_dtype))
         if self.static_merge is not None:
             self.frozen.set_static_delta(self.static_merge.merge(loaded.task_vectors))
         elif self.hparams.task_vector_transform == "ties":
@@ -273,6 +276,8 @@ class DivMergeModule(L.LightningModule):
                 self.frozen.fingerprints[name],
                 token_fingerprint(train["input_ids"]),
                 token_fingerprint(evals["input_ids"]) if evals is not None else "-",
+                # experts rebuilt from low-precision task vectors are not quite the float32 ones
+                *([self.hparams.task_vector_dtype] if self.hparams.task_vector_dtype != "float32" else []),
             )
             outputs = cache.load(key)
             if outputs is None:

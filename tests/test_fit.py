@@ -115,7 +115,9 @@ def test_fit_writes_outputs_whose_weights_are_base_plus_gamma_tau(tiny, granular
     assert before == {p: tree_digest(p) for p in before}
 
 
-def fit_module(tiny, tasks: dict, max_steps: int, **kwargs) -> tuple[DivMergeModule, L.Trainer]:
+def fit_module(
+    tiny, tasks: dict, max_steps: int, precision: str = "32-true", **kwargs
+) -> tuple[DivMergeModule, L.Trainer]:
     module = DivMergeModule(
         base=str(tiny.base),
         experts={t: str(tiny.experts[t]) for t in tasks},
@@ -126,6 +128,7 @@ def fit_module(tiny, tasks: dict, max_steps: int, **kwargs) -> tuple[DivMergeMod
     data = MergeDataModule(specs, tokenizer=str(tiny.base), batch_size=8, max_length=16)
     trainer = L.Trainer(
         max_steps=max_steps,
+        precision=precision,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,

@@ -20,8 +20,9 @@ from transformers import AutoModelForSequenceClassification
 
 from divmerge_pl import DivMergeModule, MergeDataModule
 from divmerge_pl.cli import main
+from divmerge_pl.merged import merge_tensors
 
-from .test_fit import run_dir, write_config
+from .test_fit import fit_module, run_dir, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,3 +234,26 @@ def test_sampler_shards_give_the_single_process_batches():
         assert len(shards[0]) == len(shards[1]) == -(-size // 2)
         interleaved = [i for pair in zip(*shards, strict=True) for i in pair]
         assert interleaved[:size] == whole  # batch k of each rank together = single-process batch k
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_precisions_and_bf16_task_vectors(tiny, precision):
+    fp32, _ = fit_module(tiny, {"alpha": 2, "beta": 3}, max_steps=0)
+    module, _ = fit_module(
+        tiny, {"alpha": 2, "beta": 3}, max_steps=4, task_vector_dtype="bfloat16", precision=precision
+    )
+    stored = module.frozen.task_vectors()
+    assert all(v.dtype == torch.bfloat16 for v in stored.values())
+    full = fp32.frozen.task_vectors()
+    assert sum(v.nbytes for v in stored.values()) * 2 == sum(v.nbytes for v in full.values())
+    assert torch.isfinite(module.coefficients).all()
+    assert not torch.equal(module.coefficients, fp32.coefficients)  # it trained
+    # the merge from bf16 vectors is within bf16 rounding of the float32 merge
+    gamma = module.coefficients.detach()
+    with torch.no_grad():
+        low = merge_tensors(fp32.frozen.base_tensors(), stored, gamma, module.layout)
+        high = merge_tensors(fp32.frozen.base_tensors(), full, gamma, module.layout)
+    for name in high:
+        g = gamma[:, module.layout.group_of[name]].abs()
+        bound = 2**-8 * torch.tensordot(g, full[name].abs(), dims=1) + 1e-7
+        assert ((low[name] - high[name]).abs() <= bound).all(), name
