@@ -1,7 +1,7 @@
 """DivMerge: merge fine-tuned experts by learning task-vector coefficients that keep the
 merged model's outputs close (Jensen-Shannon) to each expert's on that task's own inputs."""
 
-from .callbacks import CoefficientMonitor, MergedModelExport
+from .callbacks import CoefficientMonitor, MergedModelExport, MergeOnFitEnd
 from .coefficients import CoefficientLayout, build_layout, initial_coefficients
 from .data import MergeDataModule, TaskSpec
 from .divergences import OBJECTIVES, entropy, js_divergence, kl_divergence, masked_mean
@@ -16,6 +16,7 @@ __all__ = [
     "DivMergeModule",
     "ExpertMismatchError",
     "MergeDataModule",
+    "MergeOnFitEnd",
     "MergedModelExport",
     "TaskSpec",
     "build_layout",

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
+from .coefficients import Granularity
+from .data import MergeDataModule
 from .export import check_free, print_report, write_outputs
 from .module import DivMergeModule
 from .plots import coefficient_heatmap, divergence_curves
+from .teachers import DEFAULT_CACHE
 
 
 def _divmerge(pl_module: L.LightningModule, callback: L.Callback) -> DivMergeModule:
@@ -132,3 +137,113 @@ class MergedModelExport(L.Callback):
             overwrite=self.overwrite,
         )
         print_report(report, title=f"{report['method']} -> {folder}")
+
+
+class MergeOnFitEnd(L.Callback):
+    """For your own LightningModule that fine-tunes a ``transformers`` model: when your ``fit``
+    ends, save the fine-tuned model as the expert of ``task`` and merge it by DivMerge with the
+    other ``experts`` on ``data``'s unlabelled inputs; the merged model lands in ``output_dir``.
+
+    Your module needs to know nothing of divmerge-pl: the model is found as its only
+    ``PreTrainedModel`` submodule (or the attribute ``model_attribute``).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        expert_dir: str,
+        base: str,
+        experts: dict[str, str],
+        data: MergeDataModule,
+        output_dir: str,
+        model_attribute: str | None = None,
+        objective: Literal["js", "kl", "entropy"] = "js",
+        granularity: Granularity = "layer",
+        lr: float = 1e-2,
+        max_epochs: int = 4,
+        teacher_cache: str | None = str(DEFAULT_CACHE),
+        overwrite: bool = False,
+    ) -> None:
+        """
+        Args:
+            task: the task your module fine-tunes (a task name in ``data``).
+            expert_dir: where your fine-tuned model is saved (``save_pretrained``).
+            base: the pretrained model your module started from.
+            experts: the other experts, task name -> folder.
+            data: the merge's inputs (one task per expert, yours included).
+            output_dir: where merged/, coefficients.json and report.json are written.
+            model_attribute: the attribute of your module holding the model, if not found alone.
+            objective, granularity, lr, max_epochs, teacher_cache: as in DivMergeModule / Trainer.
+            overwrite: replace an existing ``expert_dir`` and earlier outputs in ``output_dir``.
+        """
+        if task in experts:
+            raise ValueError(f"MergeOnFitEnd: task {task!r} is yours; leave it out of experts")
+        self.task = task
+        self.expert_dir = Path(expert_dir).expanduser()
+        self.base = base
+        self.experts = dict(experts)
+        self.data = data
+        self.output_dir = Path(output_dir).expanduser()
+        self.model_attribute = model_attribute
+        self.merge_args = {"objective": objective, "granularity": granularity, "lr": lr}
+        self.max_epochs = max_epochs
+        self.teacher_cache = teacher_cache
+        self.overwrite = overwrite
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._model(pl_module)  # a module without a transformers model fails now, not after training
+        if self.expert_dir.exists() and any(self.expert_dir.iterdir()) and not self.overwrite:
+            raise FileExistsError(
+                f"MergeOnFitEnd: {str(self.expert_dir)!r} is not empty; set overwrite: true"
+            )
+
+    def _model(self, pl_module: L.LightningModule) -> PreTrainedModel:
+        if self.model_attribute is not None:
+            model = getattr(pl_module, self.model_attribute, None)
+            if not isinstance(model, PreTrainedModel):
+                raise TypeError(
+                    f"MergeOnFitEnd: {type(pl_module).__name__}.{self.model_attribute} "
+                    "is not a transformers PreTrainedModel"
+                )
+            return model
+        found = [m for m in pl_module.modules() if isinstance(m, PreTrainedModel)]
+        outermost = [m for m in found if not any(m is not o and m in list(o.modules()) for o in found)]
+        if len(outermost) != 1:
+            raise TypeError(
+                f"MergeOnFitEnd: {type(pl_module).__name__} holds {len(outermost)} transformers models; "
+                "name the one to merge with model_attribute"
+            )
+        return outermost[0]
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:
+            return
+        if trainer.is_global_zero:
+            self.merge(self._model(pl_module))
+        trainer.strategy.barrier("divmerge-merge-on-fit-end")
+
+    def merge(self, model: PreTrainedModel) -> Path:
+        """Save ``model`` as the expert, then run DivMerge on one device; returns ``output_dir``."""
+        model.save_pretrained(self.expert_dir)
+        module = DivMergeModule(
+            base=self.base,
+            experts={**self.experts, self.task: str(self.expert_dir)},
+            teacher_cache=self.teacher_cache,
+            **self.merge_args,
+        )
+        if self.data.tokenizer_path is None:
+            self.data.tokenizer_path = self.base
+        merger = L.Trainer(
+            max_epochs=self.max_epochs,
+            devices=1,
+            logger=CSVLogger(self.output_dir, name="divmerge"),
+            callbacks=[
+                MergedModelExport(dirpath=str(self.output_dir), overwrite=self.overwrite),
+                CoefficientMonitor(),
+                TQDMProgressBar(),  # the user's run may still hold a rich live display: no nesting
+            ],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+        merger.fit(module, datamodule=self.data)
+        return self.output_dir

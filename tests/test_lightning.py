@@ -257,3 +257,58 @@ def test_precisions_and_bf16_task_vectors(tiny, precision):
         g = gamma[:, module.layout.group_of[name]].abs()
         bound = 2**-8 * torch.tensordot(g, full[name].abs(), dims=1) + 1e-7
         assert ((low[name] - high[name]).abs() <= bound).all(), name
+
+
+class UserClassifier(L.LightningModule):
+    """A user's own fine-tuning module: knows nothing of divmerge-pl."""
+
+    def __init__(self, base: str, num_labels: int) -> None:
+        super().__init__()
+        self.net = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_merge_on_fit_end_merges_a_users_own_expert(tiny):
+    from transformers import AutoTokenizer
+
+    from divmerge_pl import MergeDataModule, MergeOnFitEnd, TaskSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.base)
+    rows = [json.loads(line) for line in tiny.train["alpha"].read_text().splitlines()]
+
+    def collate(chunk):
+        batch = tokenizer([r["text"] for r in chunk], padding=True, return_tensors="pt")
+        batch["labels"] = torch.tensor([r["label"] for r in chunk])
+        return dict(batch)
+
+    loader = torch.utils.data.DataLoader(rows, batch_size=8, collate_fn=collate)
+    data = MergeDataModule([TaskSpec(**s) for s in tiny.task_specs()], batch_size=8, max_length=16)
+    callback = MergeOnFitEnd(
+        task="alpha",
+        expert_dir=str(tiny.root / "my_expert"),
+        base=str(tiny.base),
+        experts={"beta": str(tiny.experts["beta"])},
+        data=data,
+        output_dir=str(tiny.root / "merged_run"),
+        max_epochs=1,
+        teacher_cache=None,
+    )
+    user = UserClassifier(str(tiny.base), num_labels=2)
+    L.Trainer(max_steps=3, callbacks=[callback], logger=False, enable_checkpointing=False).fit(user, loader)
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny.root / "my_expert")
+    assert torch.equal(saved.classifier.weight, user.net.classifier.weight)
+    out = tiny.root / "merged_run"
+    coefficients = json.loads((out / "coefficients.json").read_text())
+    assert coefficients["tasks"] == ["beta", "alpha"]
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged" / "alpha")
+    assert torch.equal(merged.classifier.weight, user.net.classifier.weight)  # the user's head, kept
+    assert not torch.equal(
+        merged.bert.encoder.layer[0].output.dense.weight, saved.bert.encoder.layer[0].output.dense.weight
+    )
+    assert set(json.loads((out / "report.json").read_text())["tasks"]) == {"alpha", "beta"}
