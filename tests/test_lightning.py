@@ -170,9 +170,12 @@ def test_slurm_requeue_signal_saves_a_checkpoint_that_resumes_exactly(tiny, tmp_
     assert requeued.read_text().split() == ["requeue", "4242"]
     (hpc,) = broken.glob("hpc_ckpt_*.ckpt")
     assert torch.load(hpc, weights_only=False)["global_step"] >= 8
-    # the requeued job starts again with the same command: Lightning resumes from hpc_ckpt
+    # the requeued job starts again with the same command: Lightning finds hpc_ckpt by itself
     config = write_config(tiny, broken, epochs=3)
-    main(["fit", "--config", str(config), "--ckpt_path", "hpc"])
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in slurm.items():
+            patch.setenv(key, value)
+        main(["fit", "--config", str(config)])
     torch.testing.assert_close(_final(broken), _final(tiny.root / "whole"), atol=1e-6, rtol=0)
 
 
@@ -312,3 +315,18 @@ def test_merge_on_fit_end_merges_a_users_own_expert(tiny):
         merged.bert.encoder.layer[0].output.dense.weight, saved.bert.encoder.layer[0].output.dense.weight
     )
     assert set(json.loads((out / "report.json").read_text())["tasks"]) == {"alpha", "beta"}
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [["demo.yaml"], ["template.yaml"], ["demo.yaml", "ddp.yaml"], ["demo.yaml", "slurm/slurm.yaml"]],
+)
+def test_shipped_configs_parse(configs, capsys):
+    args = [a for c in configs for a in ("--config", str(REPO / "configs" / c))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "divmerge_pl.DivMergeModule"
+    if len(configs) > 1:
+        assert printed["trainer"]["strategy"]["init_args"]["broadcast_buffers"] is False
