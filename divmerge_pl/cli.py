@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import CoefficientMonitor, MergedModelExport
 from .data import MergeDataModule
@@ -33,8 +35,26 @@ class DivMergeCLI(LightningCLI):
         # LightningCLI reads the checkpoint while parsing (for its hyperparameters): check it first
         # so a damaged file is named instead of surfacing as a bare zip-reader error.
         if self.config.get("subcommand"):
-            check_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
+            config = self.config[self.config.subcommand]
+            if config.get("ckpt_path") == "last":
+                # Lightning's "last" looks in this run's own (new, empty) version folder; resuming
+                # means the newest last.ckpt of an earlier run under the same default_root_dir
+                config["ckpt_path"] = latest_checkpoint(config["trainer"].get("default_root_dir"))
+            check_checkpoint(config.get("ckpt_path"))
         super()._parse_ckpt_path()
+
+
+def latest_checkpoint(root: str | None) -> str | None:
+    """The newest ``last.ckpt`` under ``root`` (None, and a fresh start, if there is none)."""
+    found = sorted(
+        Path(root or ".").expanduser().glob("lightning_logs/version_*/checkpoints/last.ckpt"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not found:
+        rank_zero_info(f"--ckpt_path last: no last.ckpt under {root or '.'!r}; starting a new run")
+        return None
+    rank_zero_info(f"--ckpt_path last: resuming from {found[-1]}")
+    return str(found[-1])
 
 
 def check_checkpoint(path: str | None) -> None:

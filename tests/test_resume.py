@@ -62,7 +62,7 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at)
     assert not (run_dir(broken) / "report.json").exists()  # an interrupted run exports nothing
 
     config = write_config(tiny, broken, epochs=3)  # the same run, without the interruption
-    main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    main(["fit", "--config", str(config), "--ckpt_path", "last"])  # the newest last.ckpt of that folder
     torch.testing.assert_close(
         final_coefficients(broken), final_coefficients(tiny.root / "whole"), atol=1e-6, rtol=0
     )
@@ -78,3 +78,8 @@ def test_non_finite_objective_stops_with_step_and_task_and_keeps_good_coefficien
     saved = torch.load(run_dir(folder) / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 4
     assert torch.isfinite(saved["state_dict"]["coefficients"]).all()
+
+
+def test_ckpt_path_last_without_an_earlier_run_starts_fresh(tiny):
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "new", epochs=1)), "--ckpt_path", "last"])
+    assert (run_dir(tiny.root / "new") / "report.json").is_file()
