@@ -145,7 +145,8 @@ def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
         param.requires_grad_(False)
     _check_finite("model.base", {n: t for n, t in base_state.items() if n not in heads})
 
-    vectors: dict[str, list[Tensor]] = {n: [] for n in base_state if n not in heads}
+    # None marks "equal to the base" (e.g. frozen word embeddings): no N copies of zeros are held
+    vectors: dict[str, list[Tensor | None]] = {n: [] for n in base_state if n not in heads}
     task_heads: dict[str, dict[str, Tensor]] = {}
     fingerprints = {"base": fingerprint({n: base_state[n] for n in vectors})}
     for task in tasks:
@@ -165,14 +166,18 @@ def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
         state = {n: p.detach() for n, p in model.named_parameters()}
         _check_tensors(task, state, base_state, heads)
         for name, column in vectors.items():
-            column.append(state[name] - base_state[name])
+            tau = state[name] - base_state[name]
+            column.append(tau if tau.any() else None)
         task_heads[task] = {n: state[n] for n in heads}
         fingerprints[task] = fingerprint(state)
         del model, state
 
-    task_vectors = {
-        name: torch.stack(column) for name, column in vectors.items() if any(v.any() for v in column)
-    }
+    task_vectors = {}
+    for name in list(vectors):  # stacked one tensor at a time: never two copies of every vector
+        column = vectors.pop(name)
+        if any(v is not None for v in column):
+            zeros = torch.zeros_like(base_state[name])
+            task_vectors[name] = torch.stack([zeros if v is None else v for v in column])
     return LoadedExperts(
         kind=kind,
         skeleton=skeleton,

@@ -49,6 +49,61 @@ def forward_logits(
     return functional_call(skeleton, tensors, args=(), kwargs=inputs, strict=False).logits
 
 
+def head_module_name(head_names: list[str]) -> str | None:
+    """The one top-level submodule holding a task head (``classifier`` in BERT, RoBERTa...), or
+    None when the head is spread over several (DistilBERT's ``pre_classifier`` + ``classifier``)."""
+    roots = {name.split(".", 1)[0] for name in head_names}
+    return roots.pop() if len(roots) == 1 else None
+
+
+def logits_per_task(
+    skeleton: torch.nn.Module,
+    merged: dict[str, Tensor],
+    heads: list[dict[str, Tensor]],
+    inputs: dict[str, Tensor],
+    task_rows: list[tuple[int, Tensor]],
+) -> list[Tensor]:
+    """Logits of each ``(task, rows)`` group, each through its own head.
+
+    The merged backbone is the same for every task, so it runs once on the whole batch and only
+    the (small) heads run per task: the step costs one forward, not one per task. When the head
+    is not one submodule, each task's rows take their own full forward instead.
+    """
+    name = head_module_name(list(heads[0]))
+    if name is None or not hasattr(skeleton, name):
+        return [
+            forward_logits(skeleton, {**merged, **heads[t]}, {k: v[rows] for k, v in inputs.items()})
+            for t, rows in task_rows
+        ]
+    head = getattr(skeleton, name)
+    captured: dict[str, tuple] = {}
+
+    def capture(_module, args, kwargs):
+        captured["call"] = (args, kwargs)
+
+    hook = head.register_forward_pre_hook(capture, with_kwargs=True)
+    try:  # the backbone once (any task's head fits here: its output is not used)
+        forward_logits(skeleton, {**merged, **heads[task_rows[0][0]]}, inputs)
+    finally:
+        hook.remove()
+    args, kwargs = captured["call"]
+    size = next(iter(inputs.values())).shape[0]
+
+    def take(value, rows):
+        return value[rows] if isinstance(value, Tensor) and value.dim() and value.shape[0] == size else value
+
+    prefix = f"{name}."
+    return [
+        functional_call(
+            head,
+            {k.removeprefix(prefix): v for k, v in heads[t].items()},
+            args=tuple(take(a, rows) for a in args),
+            kwargs={k: take(v, rows) for k, v in kwargs.items()},
+        )
+        for t, rows in task_rows
+    ]
+
+
 def build_model(
     skeleton: torch.nn.Module, tensors: dict[str, Tensor], config: PretrainedConfig
 ) -> PreTrainedModel:

@@ -19,7 +19,7 @@ from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, init
 from .data import MODEL_INPUTS, MergeDataModule
 from .divergences import get_objective
 from .experts import LoadedExperts, load_experts
-from .merged import build_model, expert_tensors, forward_logits, merge_tensors
+from .merged import build_model, expert_tensors, forward_logits, logits_per_task, merge_tensors
 from .metrics import TaskScores, build_report
 from .static_merges import StaticMerge, dare_task_vectors, ties_task_vectors
 from .teachers import DEFAULT_CACHE, TeacherCache, cache_key, compute_logprobs, token_fingerprint
@@ -328,13 +328,21 @@ class DivMergeModule(L.LightningModule):
         inputs = {k: batch[k][rows] for k in MODEL_INPUTS if k in batch}
         return forward_logits(self.frozen.skeleton, {**merged, **self.frozen.head(t)}, inputs)
 
+    def _batch_logits(self, merged: dict[str, Tensor], batch: dict[str, Tensor]):
+        """``(task, rows, logits)`` for every task in the batch, the backbone run once."""
+        groups = list(self._task_rows(batch))
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        heads = [self.frozen.head(t) for t in range(len(self.tasks))]
+        logits = logits_per_task(self.frozen.skeleton, merged, heads, inputs, groups)
+        return [(t, rows, out) for (t, rows), out in zip(groups, logits, strict=True)]
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         merged = self.merged_tensors()
         name = self.hparams.objective
         task_sums: dict[int, Tensor] = {}
         counts = torch.zeros(len(self.tasks), device=self.device)
-        for t, rows in self._task_rows(batch):
-            logq = torch.log_softmax(self._task_logits(t, merged, batch, rows).float(), dim=-1)
+        for t, rows, logits in self._batch_logits(merged, batch):
+            logq = torch.log_softmax(logits.float(), dim=-1)
             logp = self.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
             per_row = self.objective(logp, logq)
             task_sums[t], counts[t] = per_row.sum(), per_row.numel()
@@ -373,8 +381,7 @@ class DivMergeModule(L.LightningModule):
         self._score_batch(batch, self.val_scores)
 
     def _score_batch(self, batch: dict[str, Tensor], scores: TaskScores) -> None:
-        for t, rows in self._task_rows(batch):
-            logits = self._task_logits(t, self._eval_tensors, batch, rows)
+        for t, rows, logits in self._batch_logits(self._eval_tensors, batch):
             scores.update(t, logits, batch["labels"][rows])
 
     def on_validation_epoch_end(self) -> None:

@@ -1,7 +1,13 @@
 import torch
 
 from divmerge_pl.coefficients import build_layout
-from divmerge_pl.merged import expert_tensors, merge_tensors
+from divmerge_pl.merged import (
+    expert_tensors,
+    forward_logits,
+    head_module_name,
+    logits_per_task,
+    merge_tensors,
+)
 
 
 def tensors(seed: int):
@@ -48,3 +54,52 @@ def test_expert_tensors_rebuild_each_expert():
         rebuilt = expert_tensors(base, taus, t)
         for name in base:
             assert torch.equal(rebuilt[name], base[name] + taus[name][t])
+
+
+def test_backbone_once_then_heads_equals_a_forward_per_task(tiny):
+
+    from .test_fit import fit_module
+
+    module, trainer = fit_module(tiny, {"alpha": 2, "beta": 3}, max_steps=0)
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    gamma = torch.tensor([[0.3], [0.9]]).expand_as(module.coefficients).clone().requires_grad_()
+    module.coefficients.data = gamma.detach()
+    merged = module.merged_tensors()
+    groups = list(module._task_rows(batch))
+    assert len(groups) == 2
+    fast = module._batch_logits(merged, batch)
+    for (t, rows), (t2, _, logits) in zip(groups, fast, strict=True):
+        assert t == t2 and logits.shape == (int(rows.sum()), (2, 3)[t])
+        torch.testing.assert_close(logits, module._task_logits(t, merged, batch, rows), atol=1e-5, rtol=1e-5)
+    assert head_module_name(list(module.frozen.head(0))) == "classifier"
+
+
+def test_head_over_several_modules_takes_a_forward_per_task(tmp_path):
+    """DistilBERT's head is pre_classifier + classifier: each task's rows get their own forward."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel
+
+    from divmerge_pl.experts import load_experts
+
+    config = DistilBertConfig(vocab_size=39, dim=32, n_layers=1, n_heads=2, hidden_dim=48)
+    DistilBertModel(config).save_pretrained(tmp_path / "base")
+    experts = {}
+    for t, labels in enumerate((2, 3)):
+        torch.manual_seed(t)
+        model = DistilBertForSequenceClassification(DistilBertConfig(**config.to_dict(), num_labels=labels))
+        model.save_pretrained(tmp_path / f"e{t}")
+        experts[f"e{t}"] = str(tmp_path / f"e{t}")
+    loaded = load_experts(str(tmp_path / "base"), experts)
+    heads = list(loaded.heads.values())
+    assert head_module_name(list(heads[0])) is None
+    skeleton = loaded.skeleton.eval()
+    base = {n: p for n, p in skeleton.named_parameters() if n in loaded.task_vectors}
+    inputs = {"input_ids": torch.randint(5, 39, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
+    rows = [
+        (0, torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)),
+        (1, torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.bool)),
+    ]
+    out = logits_per_task(skeleton, base, heads, inputs, rows)
+    for (t, mask), logits in zip(rows, out, strict=True):
+        expected = forward_logits(skeleton, {**base, **heads[t]}, {k: v[mask] for k, v in inputs.items()})
+        torch.testing.assert_close(logits, expected)
+        assert logits.shape == (3, (2, 3)[t])

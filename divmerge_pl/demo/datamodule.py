@@ -45,9 +45,7 @@ class DemoDataModule(MergeDataModule):
             finetune_lr: AdamW learning rate of expert fine-tuning.
             finetune_max_length: token limit during expert fine-tuning.
         """
-        super().__init__(
-            tasks, tokenizer, batch_size, eval_batch_size, max_length, num_workers, seed
-        )
+        super().__init__(tasks, tokenizer, batch_size, eval_batch_size, max_length, num_workers, seed)
         self.root = Path(root).expanduser()
         self.train_size = train_size
         self.eval_size = eval_size
