@@ -27,10 +27,37 @@ def merge_tensors(
     merged = {}
     for name, stacked in task_vectors.items():
         gamma = coefficients[:, layout.group_of[name]]
-        # low-precision storage (bf16 task vectors) is upcast here, one tensor at a time
-        delta = torch.tensordot(gamma, stacked.to(gamma.dtype), dims=1)
+        if stacked.dtype == gamma.dtype:
+            delta = torch.tensordot(gamma, stacked, dims=1)
+        else:  # low-precision storage: upcast inside, keep only the stored vectors for backward
+            delta = _UpcastCombination.apply(gamma, stacked)
         merged[name] = base[name] + delta.to(base[name].dtype)
     return merged
+
+
+class _UpcastCombination(torch.autograd.Function):
+    """``sum_t gamma_t * tau_t`` in gamma's precision for bf16/fp16-stored ``tau``.
+
+    Autograd would keep an upcast copy of every task vector for the backward pass, undoing the
+    memory that low-precision storage saves; here the backward upcasts one task at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, gamma: Tensor, stacked: Tensor) -> Tensor:
+        ctx.save_for_backward(stacked)
+        ctx.gamma_dtype = gamma.dtype
+        delta = torch.zeros(stacked.shape[1:], dtype=gamma.dtype, device=stacked.device)
+        for t in range(stacked.shape[0]):
+            delta.add_(stacked[t].to(gamma.dtype) * gamma[t])  # no host sync on gamma
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (stacked,) = ctx.saved_tensors
+        grad_gamma = torch.stack(
+            [(grad * stacked[t].to(ctx.gamma_dtype)).sum() for t in range(stacked.shape[0])]
+        )
+        return grad_gamma, None
 
 
 def expert_tensors(

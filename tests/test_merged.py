@@ -103,3 +103,16 @@ def test_head_over_several_modules_takes_a_forward_per_task(tmp_path):
         expected = forward_logits(skeleton, {**base, **heads[t]}, {k: v[mask] for k, v in inputs.items()})
         torch.testing.assert_close(logits, expected)
         assert logits.shape == (3, (2, 3)[t])
+
+
+def test_low_precision_vectors_give_the_gradient_of_their_float32_upcast():
+    torch.manual_seed(0)
+    stacked = torch.randn(3, 5, 4).to(torch.bfloat16)
+    gamma = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    layout = build_layout(["w"], "task")
+    base = {"w": torch.zeros(5, 4, dtype=torch.float64)}
+    merged = merge_tensors(base, {"w": stacked}, gamma.unsqueeze(1), layout)["w"]
+    torch.testing.assert_close(merged, torch.tensordot(gamma, stacked.double(), dims=1))
+    assert torch.autograd.gradcheck(
+        lambda g: merge_tensors(base, {"w": stacked}, g.unsqueeze(1), layout)["w"], (gamma,)
+    )

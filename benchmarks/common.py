@@ -1,0 +1,113 @@
+"""Shared pieces of the benchmarks: MiniLM-sized experts, data files, a step timer, the
+machine's description. Experts are random (MiniLM's shapes, no download): cost does not
+depend on what the weights have learned."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+WORDS = [f"w{i}" for i in range(2000)]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def minilm_config(num_labels: int = 2) -> BertConfig:
+    """all-MiniLM-L6-v2's shapes: 6 layers, hidden 384, 12 heads, 22.7M parameters."""
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+    )
+
+
+def build_experts(root: Path, num_tasks: int, rows: int = 200, length: int = 48) -> dict:
+    """A base, ``num_tasks`` experts (base + noise on every tensor but the word embeddings, a new
+    head each) and ``rows`` unlabelled + 64 labelled rows per task; reused when present."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = root / "base"
+    if not (base / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        BertModel(minilm_config()).save_pretrained(base)
+        vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+        BertTokenizerFast(vocab=vocab).save_pretrained(base)
+    experts, data = {}, {}
+    rng = random.Random(0)
+    for t in range(num_tasks):
+        name = f"task{t}"
+        folder = root / "experts" / name
+        if not (folder / "model.safetensors").is_file():
+            torch.manual_seed(100 + t)
+            model = BertForSequenceClassification(minilm_config(num_labels=2 + t % 3))
+            model.bert.load_state_dict(BertModel.from_pretrained(base).state_dict())
+            with torch.no_grad():
+                for param_name, param in model.bert.named_parameters():
+                    if "word_embeddings" not in param_name:
+                        param.add_(0.01 * torch.randn_like(param))
+            model.save_pretrained(folder)
+        experts[name] = str(folder)
+        files = root / "data" / name
+        files.mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", rows), ("eval", 64)):
+            path = files / f"{split}.jsonl"
+            if not path.is_file():
+                lines = [
+                    json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(length)), "label": 0})
+                    for _ in range(n)
+                ]
+                path.write_text("\n".join(lines) + "\n")
+        data[name] = {"train": str(files / "train.jsonl"), "eval": str(files / "eval.jsonl")}
+    return {"base": str(base), "experts": experts, "data": data}
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step (batch start to batch end, optimizer step included)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    def median(self, skip: int = 2) -> float:
+        kept = sorted(self.times[skip:])
+        return kept[len(kept) // 2]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def write_results(name: str, payload: dict) -> Path:
+    out = Path(__file__).parent / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return out

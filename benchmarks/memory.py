@@ -1,0 +1,99 @@
+"""Peak memory of a DivMerge fit for N = 2, 4, 8 MiniLM-sized experts, with float32 and
+bfloat16 task vectors, against what must be held: the base plus N task vectors.
+
+    python benchmarks/memory.py [--tasks 2,4,8] [--steps 4]
+
+Each case runs in its own process; Linux's peak-RSS counter (VmHWM) is reset after the imports
+(``/proc/self/clear_refs``), so the figure is what the fit itself added: loading and checking
+the experts, teacher outputs, the merge's activations. Writes benchmarks/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, os, sys
+import lightning as L, torch
+sys.path.insert(0, {bench!r})
+from common import build_experts
+from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+setup = build_experts(__import__("pathlib").Path({root!r}), {n})
+experts = dict(list(setup["experts"].items())[:{n}])
+data = dict(list(setup["data"].items())[:{n}])
+torch.set_num_threads(2)
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+start = status("VmRSS")
+module = DivMergeModule(setup["base"], experts, granularity="layer", teacher_cache=None,
+                        task_vector_dtype={dtype!r})
+specs = [TaskSpec(name=t, train_files=f["train"], num_samples=200) for t, f in data.items()]
+dm = MergeDataModule(specs, tokenizer=setup["base"], batch_size=4 * {n}, max_length=64)
+L.Trainer(max_steps={steps}, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+          enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
+base = sum(p.numel() * p.element_size() for p in module.frozen.skeleton.parameters())
+tau = sum(v.numel() * v.element_size() for v in module.frozen.task_vectors().values())
+peak = status("VmHWM") - start
+print("RESULT", json.dumps({{"peak_added": peak, "base_bytes": base, "task_vector_bytes": tau}}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", default="2,4,8")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "divmerge_bench"))
+    args = parser.parse_args()
+    bench = str(Path(__file__).parent)
+    sys.path.insert(0, bench)
+    from common import write_results
+
+    rows = []
+    for n in [int(x) for x in args.tasks.split(",")]:
+        for dtype in ("float32", "bfloat16"):
+            code = CHILD.format(bench=bench, root=args.root, n=n, dtype=dtype, steps=args.steps)
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(done.stderr[-3000:])
+            result = json.loads(line[0].removeprefix("RESULT "))
+            held = result["base_bytes"] + result["task_vector_bytes"]
+            rows.append(
+                {
+                    "tasks": n,
+                    "task_vector_dtype": dtype,
+                    **result,
+                    "ratio_to_base_plus_vectors": result["peak_added"] / held,
+                }
+            )
+            print(
+                f"N={n} {dtype}: peak +{result['peak_added'] / 2**20:.0f} MiB, "
+                f"base + vectors {held / 2**20:.0f} MiB"
+            )
+    mib = 2**20
+    print(
+        "\n| N | task vectors | base (MiB) | task vectors (MiB) | peak added by fit (MiB) "
+        "| peak / (base + vectors) |"
+    )
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['tasks']} | {r['task_vector_dtype']} | {r['base_bytes'] / mib:.0f} | "
+            f"{r['task_vector_bytes'] / mib:.0f} | {r['peak_added'] / mib:.0f} | "
+            f"{r['ratio_to_base_plus_vectors']:.2f} |"
+        )
+    print(f"wrote {write_results('memory', {'steps': args.steps, 'results': rows})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Cost of one DivMerge step against a plain forward+backward of the same model on the same
+batch, for N = 2, 4, 8 experts and task / layer granularity; and how many expert forwards
+the teacher cache costs across epochs and runs.
+
+    python benchmarks/step_cost.py [--tasks 2,4,8] [--steps 12] [--length 64]
+
+Prints a table and writes benchmarks/results/step_cost.json. Ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from common import StepTimer, build_experts, write_results
+from transformers import AutoModelForSequenceClassification
+
+from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
+from divmerge_pl import module as module_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class PlainStep(L.LightningModule):
+    """The floor: fine-tuning one model (every parameter) on the same batches."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.net = AutoModelForSequenceClassification.from_pretrained(folder)
+
+    def training_step(self, batch, batch_idx):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        logits = self.net(**inputs).logits
+        return torch.log_softmax(logits, -1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-5)
+
+
+def trainer(steps: int, timer: StepTimer) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+
+
+def datamodule(setup: dict, batch_size: int, length: int) -> MergeDataModule:
+    specs = [
+        TaskSpec(name=t, train_files=f["train"], eval_files=None, num_samples=200)
+        for t, f in setup["data"].items()
+    ]
+    return MergeDataModule(specs, tokenizer=setup["base"], batch_size=batch_size, max_length=length)
+
+
+def count_teacher_rows() -> tuple[list[int], callable]:
+    rows: list[int] = []
+    real = module_file.compute_logprobs
+
+    def counting(forward, batches, desc, show=True):
+        out = real(forward, batches, desc, show)
+        rows.append(out.shape[0])
+        return out
+
+    module_file.compute_logprobs = counting
+    return rows, lambda: setattr(module_file, "compute_logprobs", real)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", default="2,4,8")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "divmerge_bench"))
+    args = parser.parse_args()
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+
+    results = []
+    for n in [int(x) for x in args.tasks.split(",")]:
+        setup = build_experts(Path(args.root), n, length=args.length)
+        setup["experts"] = dict(list(setup["experts"].items())[:n])
+        setup["data"] = dict(list(setup["data"].items())[:n])
+        batch = 4 * n
+        timer = StepTimer()
+        plain = PlainStep(next(iter(setup["experts"].values())))
+        trainer(args.steps, timer).fit(plain, datamodule=datamodule(setup, batch, args.length))
+        plain_s = timer.median()
+        for granularity in ("task", "layer"):
+            timer = StepTimer()
+            module = DivMergeModule(
+                setup["base"], setup["experts"], granularity=granularity, teacher_cache=None
+            )
+            trainer(args.steps, timer).fit(module, datamodule=datamodule(setup, batch, args.length))
+            step_s = timer.median()
+            results.append(
+                {
+                    "tasks": n,
+                    "granularity": granularity,
+                    "batch": batch,
+                    "length": args.length,
+                    "plain_step_s": plain_s,
+                    "divmerge_step_s": step_s,
+                    "ratio": step_s / plain_s,
+                    "target": 1.3,
+                }
+            )
+            print(
+                f"N={n} {granularity:5s} plain {plain_s:.3f}s divmerge {step_s:.3f}s "
+                f"ratio {step_s / plain_s:.2f}"
+            )
+
+    # teacher cache: expert forwards per input, over 2 epochs and a second run
+    n = 2
+    setup = build_experts(Path(args.root), n, length=args.length)
+    setup["experts"] = dict(list(setup["experts"].items())[:n])
+    setup["data"] = dict(list(setup["data"].items())[:n])
+    cache = Path(tempfile.mkdtemp(prefix="teachers-"))
+    rows, restore = count_teacher_rows()
+    counts = []
+    for _ in range(2):
+        before = sum(rows)
+        module = DivMergeModule(setup["base"], setup["experts"], granularity="task", teacher_cache=str(cache))
+        fit = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        fit.fit(module, datamodule=datamodule(setup, 4 * n, args.length))
+        counts.append(sum(rows) - before)
+    restore()
+    inputs = 200 * n
+    teacher = {"inputs": inputs, "epochs_per_run": 2, "expert_forward_rows_run1": counts[0],
+               "expert_forward_rows_run2": counts[1]}  # fmt: skip
+
+    print()
+    print("| N | granularity | batch | plain fwd+bwd (s) | DivMerge step (s) | ratio | target |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['tasks']} | {r['granularity']} | {r['batch']} | {r['plain_step_s']:.3f} | "
+            f"{r['divmerge_step_s']:.3f} | {r['ratio']:.2f} | <= {r['target']} |"
+        )
+    print(
+        f"\nteacher cache: {inputs} inputs, 2 epochs: run 1 ran experts on {counts[0]} rows "
+        f"({counts[0] / inputs:.2f} per input), run 2 on {counts[1]}"
+    )
+    out = write_results("step_cost", {"steps": args.steps, "results": results, "teacher_cache": teacher})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
