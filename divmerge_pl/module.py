@@ -322,12 +322,6 @@ class DivMergeModule(L.LightningModule):
         for t in task_ids.unique().tolist():
             yield t, task_ids == t
 
-    def _task_logits(
-        self, t: int, merged: dict[str, Tensor], batch: dict[str, Tensor], rows: Tensor
-    ) -> Tensor:
-        inputs = {k: batch[k][rows] for k in MODEL_INPUTS if k in batch}
-        return forward_logits(self.frozen.skeleton, {**merged, **self.frozen.head(t)}, inputs)
-
     def _batch_logits(self, merged: dict[str, Tensor], batch: dict[str, Tensor]):
         """``(task, rows, logits)`` for every task in the batch, the backbone run once."""
         groups = list(self._task_rows(batch))

@@ -165,3 +165,12 @@ def build_setup(root: Path, labels: dict[str, int], scale: float = 0.05) -> Tiny
 def tiny(tmp_path: Path) -> TinySetup:
     """Two tiny experts with different label counts (2 and 3), their data files."""
     return build_setup(tmp_path, {"alpha": 2, "beta": 3})
+
+
+def per_task_logits(module, t: int, merged: dict, batch: dict, rows) -> torch.Tensor:
+    """Task ``t``'s logits from its own full forward on its rows: the reference path."""
+    from divmerge_pl.data import MODEL_INPUTS
+    from divmerge_pl.merged import forward_logits
+
+    inputs = {k: batch[k][rows] for k in MODEL_INPUTS if k in batch}
+    return forward_logits(module.frozen.skeleton, {**merged, **module.frozen.head(t)}, inputs)

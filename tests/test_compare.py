@@ -15,7 +15,7 @@ from divmerge_pl.cli import main
 from divmerge_pl.divergences import masked_mean
 from divmerge_pl.merged import merge_tensors
 
-from .conftest import build_setup
+from .conftest import build_setup, per_task_logits
 from .test_fit import fit_module, run_dir, write_config
 
 
@@ -115,7 +115,7 @@ def test_entropy_gradient_matches_finite_differences(tiny):
         merged = merge_tensors(frozen.base_tensors(), frozen.merge_vectors(), gamma, module.layout)
         total = 0.0
         for t, rows in module._task_rows(batch):
-            logq = torch.log_softmax(module._task_logits(t, merged, batch, rows), dim=-1)
+            logq = torch.log_softmax(per_task_logits(module, t, merged, batch, rows), dim=-1)
             total = total + masked_mean(module.objective(logq, logq))
         return total
 

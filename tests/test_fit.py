@@ -19,7 +19,7 @@ from divmerge_pl.cli import main
 from divmerge_pl.coefficients import DEFAULT_BLOCK_PATTERN
 from divmerge_pl.divergences import js_divergence
 
-from .conftest import build_setup
+from .conftest import build_setup, per_task_logits
 
 
 def write_config(tiny, folder: Path, granularity: str = "layer", epochs: int = 2, **model) -> Path:
@@ -148,7 +148,7 @@ def js_to_expert(module: DivMergeModule, trainer: L.Trainer) -> float:
         values = []
         for batch in data.ordered_dataloader(data.train_rows):
             for t, rows in module._task_rows(batch):
-                logq = torch.log_softmax(module._task_logits(t, merged, batch, rows), -1)
+                logq = torch.log_softmax(per_task_logits(module, t, merged, batch, rows), -1)
                 logp = module.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
                 values.append(js_divergence(logp, logq))
     return torch.cat(values).mean().item()

@@ -9,6 +9,8 @@ from divmerge_pl.merged import (
     merge_tensors,
 )
 
+from .conftest import per_task_logits
+
 
 def tensors(seed: int):
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +72,9 @@ def test_backbone_once_then_heads_equals_a_forward_per_task(tiny):
     fast = module._batch_logits(merged, batch)
     for (t, rows), (t2, _, logits) in zip(groups, fast, strict=True):
         assert t == t2 and logits.shape == (int(rows.sum()), (2, 3)[t])
-        torch.testing.assert_close(logits, module._task_logits(t, merged, batch, rows), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            logits, per_task_logits(module, t, merged, batch, rows), atol=1e-5, rtol=1e-5
+        )
     assert head_module_name(list(module.frozen.head(0))) == "classifier"
 
 
