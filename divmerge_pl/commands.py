@@ -78,7 +78,7 @@ def run_method(
     cli = _cli(cli_args)
     model, trainer = cli.model, cli.trainer
     export = _export_callback(trainer)
-    model.static_merge = build_static_merge(method, **(params or {}))
+    model.use_static_merge(build_static_merge(method, **(params or {})))
     export.on_fit_start(trainer, model)  # an earlier run's outputs stop us before any work
     trainer.validate(model, datamodule=cli.datamodule)
     if select_scale:
@@ -88,18 +88,13 @@ def run_method(
 
 def _select_scale(model, method: str, params: dict[str, Any], grid: list[float]) -> None:
     """Pick ``scale`` by the average normalised score on the labelled eval rows."""
-    vectors = model.frozen.task_vectors()
     scores = {}
     for scale in grid:
-        model.static_merge = build_static_merge(method, **{**params, "scale": scale})
-        model.frozen.set_static_delta(model.static_merge.merge(vectors))
-        model.last_merged_scores = None
+        model.use_static_merge(build_static_merge(method, **{**params, "scale": scale}))
         scores[scale] = model.evaluate()["average"]["normalized"]
         rank_zero_info(f"{method}: scale {scale:g} -> average normalised score {scores[scale]:.4f}")
     best = max(scores, key=lambda s: -math.inf if math.isnan(scores[s]) else scores[s])
-    model.static_merge = build_static_merge(method, **{**params, "scale": best})
-    model.frozen.set_static_delta(model.static_merge.merge(vectors))
-    model.last_merged_scores = None
+    model.use_static_merge(build_static_merge(method, **{**params, "scale": best}))
     rank_zero_warn(
         f"{method}: scale {best:g} chosen on the eval rows the report scores, so its score is "
         "optimistic; point eval_files at a separate validation split when choosing"

@@ -185,7 +185,7 @@ class DivMergeModule(L.LightningModule):
         loaded = load_experts(self.hparams.base, dict(self.hparams.experts))
         self.frozen = FrozenExperts(loaded, getattr(torch, self.hparams.task_vector_dtype))
         if self.static_merge is not None:
-            self.frozen.set_static_delta(self.static_merge.merge(loaded.task_vectors))
+            self.use_static_merge(self.static_merge)
         elif self.hparams.task_vector_transform == "ties":
             self.frozen.set_merge_vectors(ties_task_vectors(loaded.task_vectors, self.hparams.density))
         elif self.hparams.task_vector_transform == "dare":
@@ -206,6 +206,14 @@ class DivMergeModule(L.LightningModule):
             f"parameters; tensors equal in base and every expert stay the base's), "
             f"{self.layout.num_groups} coefficient group(s) per task ({self.hparams.granularity})"
         )
+
+    def use_static_merge(self, method: StaticMerge) -> None:
+        """Fix the merge to a training-free method's result (applied now if the experts are
+        loaded, else when they are); scores of an earlier merge are forgotten."""
+        self.static_merge = method
+        self.last_merged_scores = None
+        if self.frozen is not None:
+            self.frozen.set_static_delta(method.merge(self.frozen.task_vectors()))
 
     def _new_scores(self, sync_on_compute: bool = True) -> TaskScores:
         metrics = self._datamodule().metrics
