@@ -51,6 +51,30 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def top_k_with_rest(logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keep a distribution's ``k`` likeliest outcomes and one bucket for all the others.
+
+    Returns ``(ids [..., k], coarse_logp [..., k + 1])``; the last entry is the rest's mass
+    (``-inf`` when ``k`` covers the whole support). Comparing two distributions on this coarser
+    partition can only lower JS and KL (data processing inequality), and changes nothing when
+    ``k`` is the vocabulary size: the saving is memory, ``k + 1`` numbers per position, not V.
+    """
+    k = min(k, logp.shape[-1])
+    top, ids = logp.topk(k, dim=-1)
+    return ids, torch.cat([top, _rest(logp, ids)], dim=-1)
+
+
+def coarsen(logq: Tensor, ids: Tensor) -> Tensor:
+    """``logq`` on the partition of :func:`top_k_with_rest`: the outcomes ``ids``, then the rest."""
+    return torch.cat([logq.gather(-1, ids), _rest(logq, ids)], dim=-1)
+
+
+def _rest(logp: Tensor, ids: Tensor) -> Tensor:
+    """log of the mass outside ``ids``, summed exactly (not ``1 - sum``, which cancels badly)."""
+    outside = logp.scatter(-1, ids, float("-inf"))
+    return torch.logsumexp(outside, dim=-1, keepdim=True)
+
+
 Objective = Callable[[Tensor | None, Tensor], Tensor]
 
 OBJECTIVES: dict[str, Objective] = {

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from divmerge_pl.divergences import (
+    coarsen,
     entropy,
     get_objective,
     js_divergence,
     kl_divergence,
     masked_mean,
+    top_k_with_rest,
 )
 
 
@@ -86,3 +88,36 @@ def test_masked_mean_ignores_masked_positions():
 def test_unknown_objective_names_the_choices():
     with pytest.raises(ValueError, match="entropy, js, kl"):
         get_objective("jsd")
+
+
+@pytest.mark.parametrize("divergence", [js_divergence, kl_divergence])
+def test_top_k_with_rest_is_exact_at_k_vocab_and_a_lower_bound_below(divergence):
+    logp, logq = random_logp(5, 7, 40, seed=1), random_logp(5, 7, 40, seed=2)
+    full = divergence(logp, logq)
+    ids, coarse = top_k_with_rest(logp, 40)
+    assert torch.isneginf(coarse[..., -1]).all()  # nothing is left for the rest
+    torch.testing.assert_close(divergence(coarse, coarsen(logq, ids)), full, rtol=1e-12, atol=1e-12)
+    previous = torch.zeros_like(full)
+    for k in (1, 4, 16, 39):  # a finer partition never lowers the divergence
+        ids, coarse = top_k_with_rest(logp, k)
+        value = divergence(coarse, coarsen(logq, ids))
+        assert (value <= full + 1e-12).all() and (value >= previous - 1e-12).all()
+        previous = value
+    assert (previous > 0).all()
+
+
+def test_rest_bucket_holds_exactly_the_mass_outside_the_top_k():
+    logp = random_logp(3, 50, seed=3)
+    ids, coarse = top_k_with_rest(logp, 5)
+    probs = logp.exp()
+    torch.testing.assert_close(coarse.exp().sum(-1), torch.ones(3, dtype=logp.dtype))
+    torch.testing.assert_close(coarse[:, :5].exp(), probs.topk(5, -1).values)
+    torch.testing.assert_close(coarse[:, 5].exp(), 1 - probs.topk(5, -1).values.sum(-1))
+
+
+def test_top_k_at_k_vocab_keeps_gradients_finite():
+    logp = random_logp(4, 12, seed=4)
+    logits = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    ids, coarse = top_k_with_rest(logp, 12)
+    js_divergence(coarse, coarsen(torch.log_softmax(logits, -1), ids)).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
