@@ -8,6 +8,7 @@ module, not by the data pipeline).
 from __future__ import annotations
 
 import logging
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from datasets import Dataset, concatenate_datasets, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer
 
-from .metrics import MetricName
+from .metrics import ANSWER_METRICS, MetricName
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,36 @@ class TaskSpec:
     eval_samples: int | None = None
     """Cap on eval rows (None: all)."""
     metric: MetricName = "accuracy"
-    """Score of the report: ``accuracy`` or ``f1`` (macro)."""
+    """Score of the report: ``accuracy`` or ``f1`` (macro); for causal LMs ``accuracy`` (label
+    word), ``exact_match``, ``rouge1`` or ``rougeL`` of the generated answer."""
+    prompt: str | None = None
+    """Causal LM experts: the input as a template over the row's fields, such as
+    ``"{sentence}\\nAnswer:"`` (then ``text_fields`` is not used)."""
+    label_words: list[str] | None = None
+    """Causal LM classification: the answer of class ``i`` is ``label_words[i]`` (labels in the eval
+    files are class ids). Without it, ``label_field`` holds the reference answer text."""
+
+    @property
+    def input_fields(self) -> list[str]:
+        """The fields an input is made of: the prompt's placeholders, or ``text_fields``."""
+        if self.prompt is None:
+            return list(self.text_fields)
+        try:
+            return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.prompt) if f))
+        except ValueError as err:
+            raise self._bad_template(err) from None
+
+    def _bad_template(self, err: Exception) -> ValueError:
+        return ValueError(
+            f"task {self.name!r}: prompt {self.prompt!r} is not a valid template ({err}); "
+            "write fields as {name} and literal braces as {{ }}"
+        )
+
+    def format_prompt(self, row: dict[str, Any]) -> str:
+        try:
+            return self.prompt.format(**{f: "" if row[f] is None else row[f] for f in self.input_fields})
+        except (IndexError, ValueError, AttributeError) as err:
+            raise self._bad_template(err) from None
 
 
 def _as_list(files: str | list[str]) -> list[str]:
@@ -118,10 +148,17 @@ class MergeDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"task {task.name!r}: num_samples must be a positive integer, got {task.num_samples}"
                 )
-            if not 1 <= len(task.text_fields) <= 2:
+            if task.prompt is None and not 1 <= len(task.text_fields) <= 2:
                 raise ValueError(
                     f"task {task.name!r}: text_fields takes one or two fields, got {task.text_fields}"
                 )
+            _check_prompt(task)
+        prompted = [t.name for t in tasks if t.prompt is not None]
+        if prompted and len(prompted) != len(tasks):
+            raise ValueError(
+                f"data.tasks: {prompted} have a prompt (causal LM experts) but "
+                f"{[t.name for t in tasks if t.prompt is None]} do not; give every task a prompt, or none"
+            )
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         self.tasks = list(tasks)
@@ -140,6 +177,11 @@ class MergeDataModule(L.LightningDataModule):
         return [t.name for t in self.tasks]
 
     @property
+    def prompted(self) -> bool:
+        """Inputs are prompts for causal LMs (left-padded, answers appended by the module)."""
+        return self.tasks[0].prompt is not None
+
+    @property
     def metrics(self) -> dict[str, MetricName]:
         return {t.name: t.metric for t in self.tasks}
 
@@ -149,10 +191,17 @@ class MergeDataModule(L.LightningDataModule):
         if self.tokenizer_path is None:
             raise ValueError("data.tokenizer is not set: give the base model's folder")
         self.tokenizer = AutoTokenizer.from_pretrained(Path(self.tokenizer_path).expanduser())
+        if self.prompted:
+            # answers are appended after the prompt, so pads go first; too long a prompt loses
+            # its start, never the "Answer:" it ends with
+            self.tokenizer.padding_side = "left"
+            self.tokenizer.truncation_side = "left"
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
         train_parts, eval_parts = [], []
         for task_id, task in enumerate(self.tasks):
             rows = drop_empty_texts(
-                read_rows(task.name, task.train_files, task.text_fields), task, "train_files"
+                read_rows(task.name, task.train_files, task.input_fields), task, "train_files"
             )
             if len(rows) < task.num_samples:
                 log.warning(
@@ -166,7 +215,7 @@ class MergeDataModule(L.LightningDataModule):
             if task.eval_files is not None:
                 if task.label_field is None:
                     raise ValueError(f"task {task.name!r}: eval_files given but no label_field")
-                columns = [*task.text_fields, task.label_field]
+                columns = [*task.input_fields, task.label_field]
                 rows = drop_empty_texts(read_rows(task.name, task.eval_files, columns), task, "eval_files")
                 if task.eval_samples is not None:
                     rows = rows.select(range(min(task.eval_samples, len(rows))))
@@ -176,14 +225,20 @@ class MergeDataModule(L.LightningDataModule):
 
     def _encode(self, rows: Dataset, task: TaskSpec, task_id: int, with_labels: bool) -> Dataset:
         def encode(batch: dict[str, list]) -> dict[str, Any]:
-            texts = [[str(x) if x is not None else "" for x in batch[f]] for f in task.text_fields]
+            if task.prompt is None:
+                texts = [[str(x) if x is not None else "" for x in batch[f]] for f in task.text_fields]
+            else:
+                n = len(batch[task.input_fields[0]])
+                texts = [[task.format_prompt({f: batch[f][i] for f in task.input_fields}) for i in range(n)]]
             full = self.tokenizer(*texts, truncation=False)["input_ids"]
             encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
             out = {k: encoded[k] for k in MODEL_INPUTS if k in encoded}
             out["truncated"] = [len(ids) > self.max_length for ids in full]
             out["task_id"] = [task_id] * len(texts[0])
-            if with_labels:
+            if with_labels and task.prompt is None:
                 out["labels"] = [_as_label(task.name, v) for v in batch[task.label_field]]
+            elif with_labels:
+                out["reference"] = [_as_reference(task, v) for v in batch[task.label_field]]
             return out
 
         encoded = rows.map(
@@ -202,12 +257,14 @@ class MergeDataModule(L.LightningDataModule):
         return encoded.remove_columns("truncated")
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad model inputs; carry ``task_id``, ``row_id`` (and ``labels``) alongside."""
+        """Pad model inputs; carry ``task_id``, ``row_id`` (and ``labels`` or ``references``)."""
         inputs = [{k: r[k] for k in MODEL_INPUTS if k in r} for r in rows]
         batch = dict(self.tokenizer.pad(inputs, return_tensors="pt"))
         for key in ("task_id", "row_id", "labels"):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+        if "reference" in rows[0]:
+            batch["references"] = [r["reference"] for r in rows]
         return batch
 
     def train_dataloader(self) -> DataLoader:
@@ -291,7 +348,7 @@ def drop_empty_texts(rows: Dataset, task: TaskSpec, source: str) -> Dataset:
     """Rows whose text fields are all empty carry nothing to match: skip them, say how many."""
 
     def has_text(row: dict[str, Any]) -> bool:
-        return any(row[f] is not None and str(row[f]).strip() for f in task.text_fields)
+        return any(row[f] is not None and str(row[f]).strip() for f in task.input_fields)
 
     kept = rows.filter(has_text, desc=f"checking {task.name}")
     if len(kept) < len(rows):
@@ -302,7 +359,7 @@ def drop_empty_texts(rows: Dataset, task: TaskSpec, source: str) -> Dataset:
             source,
         )
     if len(kept) == 0:
-        raise ValueError(f"task {task.name!r}: every row of {source} has empty {task.text_fields}")
+        raise ValueError(f"task {task.name!r}: every row of {source} has empty {task.input_fields}")
     return kept
 
 
@@ -317,3 +374,38 @@ def _as_label(task: str, value: Any) -> int:
             "map labels to 0..K-1 in the eval files"
         )
     return value
+
+
+def _check_prompt(task: TaskSpec) -> None:
+    if task.prompt is None:
+        if task.label_words is not None:
+            raise ValueError(f"task {task.name!r}: label_words is for causal LM tasks; give a prompt too")
+        if task.metric not in ("accuracy", "f1"):
+            raise ValueError(
+                f"task {task.name!r}: metric {task.metric!r} scores generated text; classification "
+                "experts take accuracy or f1"
+            )
+        return
+    task.format_prompt(dict.fromkeys(task.input_fields, ""))  # a broken template fails now
+    if not task.input_fields:
+        raise ValueError(f"task {task.name!r}: prompt {task.prompt!r} names no field, such as {{text}}")
+    if task.metric not in ANSWER_METRICS:
+        raise ValueError(
+            f"task {task.name!r}: metric {task.metric!r} is not for generated answers; choose one of "
+            f"{', '.join(ANSWER_METRICS)}"
+        )
+    if task.label_words is not None and len(set(task.label_words)) != len(task.label_words):
+        raise ValueError(f"task {task.name!r}: label_words {task.label_words} repeat a word")
+
+
+def _as_reference(task: TaskSpec, value: Any) -> str:
+    """The answer an eval row expects: its class's label word, or its own text."""
+    if task.label_words is None:
+        return "" if value is None else str(value)
+    label = _as_label(task.name, value)
+    if not 0 <= label < len(task.label_words):
+        raise ValueError(
+            f"task {task.name!r}: eval label {label} has no label word (label_words has "
+            f"{len(task.label_words)}: {task.label_words})"
+        )
+    return task.label_words[label]

@@ -15,15 +15,27 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+)
 from transformers import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
-TaskKind = Literal["sequence_classification"]
+TaskKind = Literal["sequence_classification", "causal_lm"]
 
-_KIND_SUFFIX: dict[str, TaskKind] = {"ForSequenceClassification": "sequence_classification"}
-_KIND_CLASS = {"sequence_classification": AutoModelForSequenceClassification}
+_KIND_SUFFIX: dict[str, TaskKind] = {
+    "ForSequenceClassification": "sequence_classification",
+    "ForCausalLM": "causal_lm",
+    "LMHeadModel": "causal_lm",  # GPT-2's name for its causal LM class
+}
+KIND_CLASS = {
+    "sequence_classification": AutoModelForSequenceClassification,
+    "causal_lm": AutoModelForCausalLM,
+}
 
 
 class ExpertMismatchError(ValueError):
@@ -80,7 +92,9 @@ class LoadedExperts:
 
 
 def head_names(model: torch.nn.Module, kind: TaskKind) -> set[str]:
-    """Per-task head tensors: everything outside the shared backbone (``base_model_prefix``)."""
+    """Per-task head tensors: everything outside the shared backbone (``base_model_prefix``).
+    A causal LM has none: its LM head is shared by every task, so it is merged too (once, when
+    tied to the input embeddings)."""
     if kind != "sequence_classification":
         return set()
     prefix = getattr(model, "base_model_prefix", "") + "."
@@ -129,7 +143,7 @@ def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
                 f"is a {ref.model_type} {ref.architectures}: experts must share one architecture"
             )
     _check_dtypes({"base": AutoConfig.from_pretrained(paths["base"]), **configs})
-    cls = _KIND_CLASS[kind]
+    cls = KIND_CLASS[kind]
 
     # The base in the experts' architecture: its backbone is theta0, its own head is unused.
     skeleton, info = _load(cls, paths["base"], "model.base", config=configs[first])

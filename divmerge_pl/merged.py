@@ -7,6 +7,8 @@ reach nothing but the coefficients.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,14 +133,50 @@ def logits_per_task(
     ]
 
 
+@contextmanager
+def swapped_weights(skeleton: torch.nn.Module, tensors: dict[str, Tensor]) -> Iterator[torch.nn.Module]:
+    """``skeleton`` holding ``tensors`` for the duration, then its own weights again.
+
+    For what ``functional_call`` cannot reach, such as ``generate`` (it calls ``forward`` many
+    times). No copy is made and tied weights follow (they are one parameter); use it under
+    ``torch.no_grad``: nothing here is differentiable.
+    """
+    params = dict(skeleton.named_parameters())
+    saved = {name: params[name].data for name in tensors}
+    try:
+        for name, tensor in tensors.items():
+            params[name].data = tensor.detach().to(saved[name].dtype)
+        yield skeleton
+    finally:
+        for name, data in saved.items():
+            params[name].data = data
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Second names of tied parameters (``lm_head.weight`` -> ``model.embed_tokens.weight``)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def build_model(
-    skeleton: torch.nn.Module, tensors: dict[str, Tensor], config: PretrainedConfig
+    skeleton: torch.nn.Module,
+    tensors: dict[str, Tensor],
+    config: PretrainedConfig,
+    model_class: type = AutoModelForSequenceClassification,
 ) -> PreTrainedModel:
     """A plain ``transformers`` model holding ``tensors`` over the base's remaining weights."""
     state = {n: t.detach().to("cpu") for n, t in skeleton.state_dict().items()}
     state.update({n: t.detach().to("cpu") for n, t in tensors.items()})
+    for alias, name in tied_aliases(skeleton).items():  # a tied head is the merged embedding
+        state[alias] = state[name]
     # Built on the CPU, not on "meta": non-persistent buffers (position ids) must be real.
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    model = model_class.from_config(config, dtype=torch.float32)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

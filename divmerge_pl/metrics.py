@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+import string
+from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.text.rouge import ROUGEScore
 
-MetricName = Literal["accuracy", "f1"]
+MetricName = Literal["accuracy", "f1", "exact_match", "rouge1", "rougeL"]
+ANSWER_METRICS = ("accuracy", "exact_match", "rouge1", "rougeL")
+"""Metrics of a causal LM's generated answer against the reference text (or label word)."""
 
 
 def build_metric(name: MetricName, num_classes: int, sync_on_compute: bool = True) -> Metric:
@@ -20,22 +26,78 @@ def build_metric(name: MetricName, num_classes: int, sync_on_compute: bool = Tru
     raise ValueError(f"metric {name!r}: choose accuracy or f1")
 
 
-class TaskScores(nn.Module):
-    """One metric per task, each sized to that task's own label set."""
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and surrounding/repeated spaces dropped: ``" Positive."`` is
+    ``"positive"``, so a label word is matched however the model spaces or ends it."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
 
-    def __init__(
-        self, num_classes: list[int], metrics: list[MetricName] | None = None, sync_on_compute: bool = True
-    ) -> None:
-        super().__init__()
-        self.names = list(metrics or ["accuracy"] * len(num_classes))
-        self.metrics = nn.ModuleList(
-            build_metric(name, k, sync_on_compute) for name, k in zip(self.names, num_classes, strict=True)
+
+class AnswerMatch(Metric):
+    """Share of generated answers equal to the reference after :func:`normalize_answer`
+    (label-word accuracy, or exact match for free generation)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: list[str], target: list[str]) -> None:
+        self.correct += sum(
+            normalize_answer(p) == normalize_answer(t) for p, t in zip(preds, target, strict=True)
         )
-        self.seen = [False] * len(num_classes)
+        self.total += len(target)
 
-    def update(self, task_index: int, scores: Tensor, labels: Tensor) -> None:
-        """``scores``: logits or log-probabilities of shape [rows, classes of this task]."""
-        self.metrics[task_index].update(scores.argmax(-1), labels)
+    def compute(self) -> Tensor:
+        return self.correct / self.total.clamp_min(1.0)
+
+
+class RougeF1(ROUGEScore):
+    """torchmetrics' ROUGE, reduced to the F-measure of one key (``rouge1`` or ``rougeL``)."""
+
+    def __init__(self, key: str, **kwargs: Any) -> None:
+        super().__init__(rouge_keys=(key,), **kwargs)
+        self.key = key
+
+    def compute(self) -> Tensor:
+        return super().compute()[f"{self.key}_fmeasure"]
+
+
+def build_answer_metric(name: MetricName, sync_on_compute: bool = True) -> Metric:
+    if name in ("accuracy", "exact_match"):
+        return AnswerMatch(sync_on_compute=sync_on_compute)
+    if name in ("rouge1", "rougeL"):
+        return RougeF1(name, sync_on_compute=sync_on_compute)
+    raise ValueError(f"metric {name!r}: for causal LM tasks choose one of {', '.join(ANSWER_METRICS)}")
+
+
+class TaskScores(nn.Module):
+    """One metric per task: class metrics sized to each task's own label set, or answer metrics
+    over generated text (causal LMs)."""
+
+    def __init__(self, metrics: list[Metric], names: list[MetricName]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.metrics = nn.ModuleList(metrics)
+        self.seen = [False] * len(metrics)
+
+    @classmethod
+    def for_classes(
+        cls, num_classes: list[int], names: list[MetricName] | None = None, sync_on_compute: bool = True
+    ) -> TaskScores:
+        names = list(names or ["accuracy"] * len(num_classes))
+        metrics = [build_metric(n, k, sync_on_compute) for n, k in zip(names, num_classes, strict=True)]
+        return cls(metrics, names)
+
+    @classmethod
+    def for_answers(cls, names: list[MetricName], sync_on_compute: bool = True) -> TaskScores:
+        return cls([build_answer_metric(n, sync_on_compute) for n in names], names)
+
+    def update(self, task_index: int, preds: Tensor | list[str], target: Tensor | list[str]) -> None:
+        """``preds``: predicted class ids (or generated answers); ``target``: labels (or references)."""
+        self.metrics[task_index].update(preds, target)
         self.seen[task_index] = True
 
     def compute(self) -> dict[int, float]:

@@ -15,11 +15,19 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from .answers import answer_logits, answer_targets, expert_generations, generate_answers
 from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
 from .data import MODEL_INPUTS, MergeDataModule
-from .divergences import get_objective
-from .experts import LoadedExperts, load_experts
-from .merged import build_model, expert_tensors, forward_logits, logits_per_task, merge_tensors
+from .divergences import coarsen, get_objective
+from .experts import KIND_CLASS, LoadedExperts, load_experts
+from .merged import (
+    build_model,
+    expert_tensors,
+    forward_logits,
+    logits_per_task,
+    merge_tensors,
+    swapped_weights,
+)
 from .metrics import TaskScores, build_report
 from .static_merges import StaticMerge, dare_task_vectors, ties_task_vectors
 from .teachers import DEFAULT_CACHE, TeacherCache, cache_key, compute_logprobs, token_fingerprint
@@ -123,6 +131,8 @@ class DivMergeModule(L.LightningModule):
         drop_rate: float = 0.9,
         transform_seed: int = 0,
         task_vector_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        max_new_tokens: int = 16,
+        top_k: int | None = None,
     ) -> None:
         """
         Args:
@@ -144,6 +154,12 @@ class DivMergeModule(L.LightningModule):
             transform_seed: seed of ``dare``'s random drop.
             task_vector_dtype: how task vectors are stored; ``bfloat16`` halves their memory
                 (the merge itself is computed in float32).
+            max_new_tokens: causal LM experts: the longest greedy answer an expert (or, when
+                scored, the merged model) generates to a prompt.
+            top_k: causal LM experts: keep each answer position's ``top_k`` likeliest tokens
+                of the expert and one bucket for the rest, in the cache and in the loss, instead
+                of the whole vocabulary (memory ``k + 1`` per position, not V; the divergence on
+                this coarser partition is a lower bound of the full one, equal at k = V).
         """
         super().__init__()
         get_objective(objective)
@@ -157,6 +173,10 @@ class DivMergeModule(L.LightningModule):
             raise ValueError(f"model.density must be in (0, 1], got {density}")
         if not 0 <= drop_rate < 1:
             raise ValueError(f"model.drop_rate must be in [0, 1), got {drop_rate}")
+        if max_new_tokens < 1:
+            raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"model.top_k must be a positive number of tokens (or null: all), got {top_k}")
         self.save_hyperparameters()
         self.objective = get_objective(objective)
         self.frozen: FrozenExperts | None = None
@@ -174,9 +194,23 @@ class DivMergeModule(L.LightningModule):
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.hparams.experts)
 
+    @property
+    def generative(self) -> bool:
+        """Causal LM experts: answers are generated and the whole model, LM head too, is merged."""
+        return self.frozen is not None and self.frozen.kind == "causal_lm"
+
     def setup(self, stage: str) -> None:
-        self._datamodule()  # task names checked before any model is loaded
+        dm = self._datamodule()  # task names checked before any model is loaded
         self.load_experts()
+        if self.generative != dm.prompted:
+            raise ValueError(
+                f"the experts are {self.frozen.kind} models, but data.tasks "
+                + (
+                    "have no prompt: give each task a prompt such as '{text}\\nAnswer:'"
+                    if self.generative
+                    else "have prompts, which are for causal LM experts: remove them"
+                )
+            )
 
     def load_experts(self) -> None:
         """Load and check base and experts, and create Gamma (idempotent)."""
@@ -217,10 +251,11 @@ class DivMergeModule(L.LightningModule):
 
     def _new_scores(self, sync_on_compute: bool = True) -> TaskScores:
         metrics = self._datamodule().metrics
-        return TaskScores(
-            [self.frozen.num_classes(t) for t in range(len(self.tasks))],
-            [metrics[t] for t in self.tasks],
-            sync_on_compute,
+        names = [metrics[t] for t in self.tasks]
+        if self.generative:
+            return TaskScores.for_answers(names, sync_on_compute)
+        return TaskScores.for_classes(
+            [self.frozen.num_classes(t) for t in range(len(self.tasks))], names, sync_on_compute
         )
 
     @property
@@ -270,6 +305,23 @@ class DivMergeModule(L.LightningModule):
         dm = self._datamodule()
         order = [self.tasks.index(name) for name in dm.task_names]
         self.register_buffer("task_map", torch.tensor(order, device=self.device), persistent=False)
+        if self.generative:
+            self._prepare_answer_teachers(dm, order)
+        else:
+            self._prepare_class_teachers(dm, order)
+        self._teachers_ready = True
+
+    def _teacher_key(self, name: str, train: Dataset, evals: Dataset | None, *settings: str) -> str:
+        return cache_key(
+            self.frozen.fingerprints[name],
+            token_fingerprint(train["input_ids"]),
+            token_fingerprint(evals["input_ids"]) if evals is not None else "-",
+            # experts rebuilt from low-precision task vectors are not quite the float32 ones
+            *([self.hparams.task_vector_dtype] if self.hparams.task_vector_dtype != "float32" else []),
+            *settings,
+        )
+
+    def _prepare_class_teachers(self, dm: MergeDataModule, order: list[int]) -> None:
         max_classes = max(self.frozen.num_classes(t) for t in range(len(self.tasks)))
         teacher = torch.full((len(dm.train_rows), max_classes), float("-inf"))
         cache = TeacherCache(self.hparams.teacher_cache)
@@ -280,13 +332,7 @@ class DivMergeModule(L.LightningModule):
             evals = _rows_of(dm.eval_rows, dm_id) if dm.eval_rows is not None else None
             if evals is not None:
                 _check_labels(name, evals["labels"], self.frozen.num_classes(t))
-            key = cache_key(
-                self.frozen.fingerprints[name],
-                token_fingerprint(train["input_ids"]),
-                token_fingerprint(evals["input_ids"]) if evals is not None else "-",
-                # experts rebuilt from low-precision task vectors are not quite the float32 ones
-                *([self.hparams.task_vector_dtype] if self.hparams.task_vector_dtype != "float32" else []),
-            )
+            key = self._teacher_key(name, train, evals)
             outputs = cache.load(key)
             if outputs is None:
                 outputs = {"train": self._expert_logprobs(t, dm, train, f"expert {name}: inputs")}
@@ -297,10 +343,67 @@ class DivMergeModule(L.LightningModule):
             k = self.frozen.num_classes(t)
             teacher[torch.tensor(train["row_id"]), :k] = outputs["train"]
             if evals is not None and "eval" in outputs:
-                scores.update(t, outputs["eval"], torch.tensor(evals["labels"]))
+                scores.update(t, outputs["eval"].argmax(-1), torch.tensor(evals["labels"]))
         self.register_buffer("teacher_logprobs", teacher.to(self.device), persistent=False)
         self.expert_scores = {self.tasks[i]: s for i, s in scores.compute().items()}
-        self._teachers_ready = True
+
+    def _prepare_answer_teachers(self, dm: MergeDataModule, order: list[int]) -> None:
+        """Each expert answers its own prompts greedily, once; its answers and its log-probs at
+        them (vocabulary or top-k + rest) are the targets. Eval rows get answers only, to score."""
+        width, top_k = self.hparams.max_new_tokens, self.hparams.top_k
+        eos, pad = dm.tokenizer.eos_token_id, dm.tokenizer.pad_token_id
+        cache = TeacherCache(self.hparams.teacher_cache)
+        scores = self._new_scores(sync_on_compute=False)
+        size = len(dm.train_rows)
+        answers = torch.full((size, width), pad, dtype=torch.long)
+        lengths = torch.zeros(size, dtype=torch.long)
+        logprobs: Tensor | None = None
+        top_ids = torch.zeros((size, width, top_k), dtype=torch.long) if top_k is not None else None
+        show = self.trainer.is_global_zero
+        for dm_id, name in enumerate(dm.task_names):
+            t = order[dm_id]
+            train = _rows_of(dm.train_rows, dm_id)
+            evals = _rows_of(dm.eval_rows, dm_id) if dm.eval_rows is not None else None
+            key = self._teacher_key(name, train, evals, f"answers:{width}:{top_k}:{eos}")
+            outputs = cache.load(key)
+            if outputs is None:
+                tensors = expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t)
+                model = self.frozen.skeleton
+                targets = answer_targets(
+                    model, tensors, dm.ordered_dataloader(train), width, eos, pad, top_k,
+                    f"expert {name}: answers", show,
+                )  # fmt: skip
+                outputs = {f"train_{k}": v for k, v in targets.items()}
+                if evals is not None:
+                    generated = expert_generations(
+                        model,
+                        tensors,
+                        dm.ordered_dataloader(evals),
+                        width,
+                        eos,
+                        pad,
+                        f"expert {name}: eval",
+                        show,
+                    )
+                    outputs.update({f"eval_{k}": v for k, v in generated.items()})
+                if self.trainer.is_global_zero:
+                    cache.save(key, outputs)
+            rows = torch.tensor(train["row_id"])
+            answers[rows], lengths[rows] = outputs["train_answer_ids"], outputs["train_answer_len"]
+            if logprobs is None:
+                logprobs = torch.full((size, *outputs["train_logprobs"].shape[1:]), float("-inf"))
+            logprobs[rows] = outputs["train_logprobs"]
+            if top_ids is not None:
+                top_ids[rows] = outputs["train_top_ids"]
+            if evals is not None:
+                text = dm.tokenizer.batch_decode(outputs["eval_answer_ids"], skip_special_tokens=True)
+                scores.update(t, text, evals["reference"])
+        self.register_buffer("answer_ids", answers.to(self.device), persistent=False)
+        self.register_buffer("answer_len", lengths.to(self.device), persistent=False)
+        self.register_buffer("teacher_logprobs", logprobs.to(self.device), persistent=False)
+        if top_ids is not None:
+            self.register_buffer("teacher_top_ids", top_ids.to(self.device), persistent=False)
+        self.expert_scores = {self.tasks[i]: s for i, s in scores.compute().items()}
 
     def _expert_logprobs(self, t: int, dm: MergeDataModule, rows: Dataset, desc: str) -> Tensor:
         tensors = {
@@ -343,10 +446,7 @@ class DivMergeModule(L.LightningModule):
         name = self.hparams.objective
         task_sums: dict[int, Tensor] = {}
         counts = torch.zeros(len(self.tasks), device=self.device)
-        for t, rows, logits in self._batch_logits(merged, batch):
-            logq = torch.log_softmax(logits.float(), dim=-1)
-            logp = self.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
-            per_row = self.objective(logp, logq)
+        for t, per_row in self._row_divergences(merged, batch):
             task_sums[t], counts[t] = per_row.sum(), per_row.numel()
             self.log(f"train/{name}/{self.tasks[t]}", per_row.mean(), batch_size=per_row.numel())
         zero = torch.zeros((), device=self.device)
@@ -371,6 +471,39 @@ class DivMergeModule(L.LightningModule):
         )
         return total
 
+    def _row_divergences(self, merged: dict[str, Tensor], batch: dict[str, Tensor]):
+        """``(task, objective per row)`` for every task in the batch."""
+        if self.generative:
+            per_row = self._answer_divergences(merged, batch)
+            return [(t, per_row[rows]) for t, rows in self._task_rows(batch)]
+        out = []
+        for t, rows, logits in self._batch_logits(merged, batch):
+            logq = torch.log_softmax(logits.float(), dim=-1)
+            out.append(
+                (t, self.objective(self.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]], logq))
+            )
+        return out
+
+    def _answer_divergences(self, merged: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+        """Each row's objective averaged over its expert's answer tokens (EOS included; the
+        prompt and the padding after the answer count for nothing)."""
+        rows = batch["row_id"]
+        lengths = self.answer_len[rows]
+        width = int(lengths.max())
+        logits, mask = answer_logits(
+            self.frozen.skeleton,
+            merged,
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.answer_ids[rows, :width],
+            lengths,
+        )
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        if self.hparams.top_k is not None:
+            logq = coarsen(logq, self.teacher_top_ids[rows, :width])
+        values = self.objective(self.teacher_logprobs[rows, :width], logq)
+        return (values * mask).sum(1) / mask.sum(1).clamp_min(1)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.coefficients], lr=self.hparams.lr)
 
@@ -383,8 +516,24 @@ class DivMergeModule(L.LightningModule):
         self._score_batch(batch, self.val_scores)
 
     def _score_batch(self, batch: dict[str, Tensor], scores: TaskScores) -> None:
+        if self.generative:
+            tokenizer = self._datamodule().tokenizer
+            with swapped_weights(self.frozen.skeleton, self._eval_tensors) as model:
+                answers, _ = generate_answers(
+                    model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    self.hparams.max_new_tokens,
+                    tokenizer.eos_token_id,
+                    tokenizer.pad_token_id,
+                )
+            text = tokenizer.batch_decode(answers, skip_special_tokens=True)
+            for t, rows in self._task_rows(batch):
+                picked = rows.nonzero().flatten().tolist()
+                scores.update(t, [text[i] for i in picked], [batch["references"][i] for i in picked])
+            return
         for t, rows, logits in self._batch_logits(self._eval_tensors, batch):
-            scores.update(t, logits, batch["labels"][rows])
+            scores.update(t, logits.argmax(-1), batch["labels"][rows])
 
     def on_validation_epoch_end(self) -> None:
         merged = {self.tasks[i]: s for i, s in self.val_scores.compute().items()}
@@ -418,7 +567,8 @@ class DivMergeModule(L.LightningModule):
                 scores = self._new_scores(sync_on_compute=False).to(self.device)
                 self._eval_tensors = self.merged_tensors()
                 for batch in dm.ordered_dataloader(dm.eval_rows):
-                    self._score_batch({k: v.to(self.device) for k, v in batch.items()}, scores)
+                    batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                    self._score_batch(batch, scores)
                 self._eval_tensors = None
                 merged = {self.tasks[i]: s for i, s in scores.compute().items()}
         return self._report(merged)
@@ -440,8 +590,13 @@ class DivMergeModule(L.LightningModule):
 
     @torch.no_grad()
     def merged_models(self):
-        """Yield (task, plain ``transformers`` model): merged backbone + that task's head."""
+        """Yield (folder inside ``merged/``, plain ``transformers`` model): per task, the merged
+        backbone + that task's head; for causal LMs the one merged model, in ``merged/`` itself."""
         merged = self.merged_tensors()
+        if self.generative:
+            config = self.frozen.configs[self.tasks[0]]
+            yield "", build_model(self.frozen.skeleton, merged, config, KIND_CLASS["causal_lm"])
+            return
         for t, task in enumerate(self.tasks):
             tensors = {**merged, **self.frozen.head(t)}
             yield task, build_model(self.frozen.skeleton, tensors, self.frozen.configs[task])
