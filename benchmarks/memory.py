@@ -1,5 +1,6 @@
 """Peak memory of a DivMerge fit for N = 2, 4, 8 MiniLM-sized experts, with float32 and
-bfloat16 task vectors, against what must be held: the base plus N task vectors.
+bfloat16 task vectors, against what must be held: the base plus N task vectors. Measured
+twice, each in a fresh process: loading the experts alone (``load_experts``), and the whole fit.
 
     python benchmarks/memory.py [--tasks 2,4,8] [--steps 4]
 
@@ -35,6 +36,14 @@ data = dict(list(setup["data"].items())[:{n}])
 torch.set_num_threads(2)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
 start = status("VmRSS")
+if {phase!r} == "load":
+    from divmerge_pl.experts import load_experts
+    loaded = load_experts(setup["base"], experts, getattr(torch, {dtype!r}))
+    peak = status("VmHWM") - start
+    base = sum(p.numel() * p.element_size() for p in loaded.skeleton.parameters())
+    tau = sum(v.numel() * v.element_size() for v in loaded.task_vectors.values())
+    print("RESULT", json.dumps({{"peak_added": peak, "base_bytes": base, "task_vector_bytes": tau}}))
+    sys.exit(0)
 module = DivMergeModule(setup["base"], experts, granularity="layer", teacher_cache=None,
                         task_vector_dtype={dtype!r})
 specs = [TaskSpec(name=t, train_files=f["train"], num_samples=200) for t, f in data.items()]
@@ -61,35 +70,42 @@ def main() -> None:
     rows = []
     for n in [int(x) for x in args.tasks.split(",")]:
         for dtype in ("float32", "bfloat16"):
-            code = CHILD.format(bench=bench, root=args.root, n=n, dtype=dtype, steps=args.steps)
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                raise RuntimeError(done.stderr[-3000:])
-            result = json.loads(line[0].removeprefix("RESULT "))
+            result = {}
+            for phase in ("load", "fit"):
+                code = CHILD.format(
+                    bench=bench, root=args.root, n=n, dtype=dtype, steps=args.steps, phase=phase
+                )
+                done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+                if not line:
+                    raise RuntimeError(done.stderr[-3000:])
+                measured = json.loads(line[0].removeprefix("RESULT "))
+                result.update(measured if phase == "fit" else {"load_peak_added": measured["peak_added"]})
             held = result["base_bytes"] + result["task_vector_bytes"]
             rows.append(
                 {
                     "tasks": n,
                     "task_vector_dtype": dtype,
                     **result,
+                    "load_ratio_to_base_plus_vectors": result["load_peak_added"] / held,
                     "ratio_to_base_plus_vectors": result["peak_added"] / held,
                 }
             )
             print(
-                f"N={n} {dtype}: peak +{result['peak_added'] / 2**20:.0f} MiB, "
-                f"base + vectors {held / 2**20:.0f} MiB"
+                f"N={n} {dtype}: load peak +{result['load_peak_added'] / 2**20:.0f} MiB, fit peak "
+                f"+{result['peak_added'] / 2**20:.0f} MiB, base + vectors {held / 2**20:.0f} MiB"
             )
     mib = 2**20
     print(
-        "\n| N | task vectors | base (MiB) | task vectors (MiB) | peak added by fit (MiB) "
-        "| peak / (base + vectors) |"
+        "\n| N | task vectors | base (MiB) | task vectors (MiB) | load peak (MiB) | load / held "
+        "| fit peak (MiB) | fit / held |"
     )
-    print("|---:|---|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['tasks']} | {r['task_vector_dtype']} | {r['base_bytes'] / mib:.0f} | "
-            f"{r['task_vector_bytes'] / mib:.0f} | {r['peak_added'] / mib:.0f} | "
+            f"{r['task_vector_bytes'] / mib:.0f} | {r['load_peak_added'] / mib:.0f} | "
+            f"{r['load_ratio_to_base_plus_vectors']:.2f} | {r['peak_added'] / mib:.0f} | "
             f"{r['ratio_to_base_plus_vectors']:.2f} |"
         )
     print(f"wrote {write_results('memory', {'steps': args.steps, 'results': rows})}")

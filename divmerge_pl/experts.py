@@ -7,13 +7,17 @@ architecture fails in seconds with the expert and the tensor named, not after an
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -71,10 +75,35 @@ def fingerprint(state: dict[str, Tensor]) -> str:
     """A content hash of named tensors: caches and checkpoints are keyed by what the weights are."""
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        _digest_tensor(digest, name, state[name])
     return digest.hexdigest()
+
+
+def _digest_tensor(digest, name: str, tensor: Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+    digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+
+
+@contextmanager
+def open_safetensors(folder: Path, names: set[str]) -> Iterator[dict[str, object] | None]:
+    """Lazy per-tensor handles on ``folder``'s safetensors (one file or shards), or None when the
+    files do not hold exactly ``names`` (other layouts then take a full ``from_pretrained``, which
+    also reports what is missing or extra)."""
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        yield None
+        return
+    with ExitStack() as stack:
+        handles = {}
+        for path in files:
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            handles.update(dict.fromkeys(handle.keys(), handle))
+        yield handles if set(handles) == names else None
 
 
 @dataclass
@@ -125,8 +154,15 @@ def _check_dtypes(configs: dict[str, PretrainedConfig]) -> None:
         )
 
 
-def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
-    """Load ``base`` and ``experts`` and check, before any training, that they can be merged."""
+def load_experts(
+    base: str, experts: dict[str, str], vector_dtype: torch.dtype = torch.float32
+) -> LoadedExperts:
+    """Load ``base`` and ``experts`` and check, before any training, that they can be merged.
+
+    Experts are read one tensor at a time (safetensors) straight into task-vector stacks stored
+    in ``vector_dtype``: the peak is the base plus the stacks plus one tensor, never a whole
+    expert model (a checkpoint in another layout falls back to loading that one expert whole).
+    """
     if not experts:
         raise ValueError("model.experts is empty: give at least one {task_name: expert_folder}")
     paths = {"base": resolve_model_dir(base, "model.base")}
@@ -159,39 +195,36 @@ def load_experts(base: str, experts: dict[str, str]) -> LoadedExperts:
         param.requires_grad_(False)
     _check_finite("model.base", {n: t for n, t in base_state.items() if n not in heads})
 
-    # None marks "equal to the base" (e.g. frozen word embeddings): no N copies of zeros are held
-    vectors: dict[str, list[Tensor | None]] = {n: [] for n in base_state if n not in heads}
+    merged_names = [n for n in base_state if n not in heads]
+    # a tensor equal to the base in every expert (e.g. frozen word embeddings) gets no stack at all
+    task_vectors: dict[str, Tensor] = {}
     task_heads: dict[str, dict[str, Tensor]] = {}
-    fingerprints = {"base": fingerprint({n: base_state[n] for n in vectors})}
-    for task in tasks:
-        model, info = _load(cls, paths[task], f"expert {task!r}")
-        if info["missing_keys"]:
-            raise ExpertMismatchError(
-                f"expert {task!r}: tensor {sorted(info['missing_keys'])[0]!r} is missing from "
-                f"{str(paths[task])!r} (it would be randomly initialised)"
-            )
-        if info["unexpected_keys"]:
-            raise ExpertMismatchError(
-                f"expert {task!r}: tensor {sorted(info['unexpected_keys'])[0]!r} in {str(paths[task])!r} "
-                f"is not part of the {cls.__name__} architecture ({len(info['unexpected_keys'])} such); "
-                "was it saved from another model class?"
-            )
+    fingerprints = {"base": fingerprint({n: base_state[n] for n in merged_names})}
+    on_disk = set(skeleton.state_dict()) - set(tied_alias_names(skeleton))
+    for t, task in enumerate(tasks):
         _check_tokenizer(task, paths[task], paths["base"])
-        state = {n: p.detach() for n, p in model.named_parameters()}
-        _check_tensors(task, state, base_state, heads)
-        for name, column in vectors.items():
-            tau = state[name] - base_state[name]
-            column.append(tau if tau.any() else None)
-        task_heads[task] = {n: state[n] for n in heads}
-        fingerprints[task] = fingerprint(state)
-        del model, state
-
-    task_vectors = {}
-    for name in list(vectors):  # stacked one tensor at a time: never two copies of every vector
-        column = vectors.pop(name)
-        if any(v is not None for v in column):
-            zeros = torch.zeros_like(base_state[name])
-            task_vectors[name] = torch.stack([zeros if v is None else v for v in column])
+        with open_safetensors(paths[task], on_disk) as handles:
+            if handles is None:
+                state = _load_expert_whole(cls, paths[task], task)
+                read = state.__getitem__
+            else:
+                read = lambda name, h=handles: h[name].get_tensor(name).to(torch.float32)  # noqa: E731
+            digest = hashlib.blake2b(digest_size=16)
+            for name in sorted(base_state):  # the order `fingerprint` hashes in
+                tensor = read(name)
+                _check_tensor(task, name, tensor, base_state[name], name in heads)
+                _digest_tensor(digest, name, tensor)
+                if name in heads:  # a copy: a view would keep the whole mapped file alive
+                    task_heads.setdefault(task, {})[name] = tensor.clone()
+                    continue
+                tau = tensor - base_state[name]
+                if tau.any():
+                    if name not in task_vectors:
+                        task_vectors[name] = torch.zeros((len(tasks), *tau.shape), dtype=vector_dtype)
+                    task_vectors[name][t] = tau
+            fingerprints[task] = digest.hexdigest()
+            task_heads.setdefault(task, {})
+    task_vectors = {n: task_vectors[n] for n in merged_names if n in task_vectors}  # model order
     return LoadedExperts(
         kind=kind,
         skeleton=skeleton,
@@ -237,23 +270,40 @@ def _check_tokenizer(task: str, folder: Path, base: Path) -> None:
     )
 
 
-def _check_tensors(
-    task: str, state: dict[str, Tensor], base_state: dict[str, Tensor], heads: set[str]
-) -> None:
-    _check_finite(f"expert {task!r}", state)
-    extra = sorted(set(state) - set(base_state))
-    if extra:
+def tied_alias_names(model: torch.nn.Module) -> list[str]:
+    """State-dict names that repeat a tied parameter (not stored again by ``save_pretrained``)."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases.append(name)
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def _load_expert_whole(cls, folder: Path, task: str) -> dict[str, Tensor]:
+    """An expert whose files are not plain safetensors of the architecture's names: loaded by
+    ``from_pretrained``, which knows every layout, and checked for missing or extra tensors."""
+    model, info = _load(cls, folder, f"expert {task!r}")
+    if info["missing_keys"]:
         raise ExpertMismatchError(
-            f"expert {task!r} has tensor {extra[0]!r} that the base model does not have"
+            f"expert {task!r}: tensor {sorted(info['missing_keys'])[0]!r} is missing from "
+            f"{str(folder)!r} (it would be randomly initialised)"
         )
-    lacking = sorted(set(base_state) - set(state))
-    if lacking:
-        raise ExpertMismatchError(f"expert {task!r} lacks tensor {lacking[0]!r} of the base model")
-    for name, ref in base_state.items():
-        if name in heads:
-            continue
-        if state[name].shape != ref.shape:
-            raise ExpertMismatchError(
-                f"expert {task!r}: tensor {name!r} has shape {tuple(state[name].shape)} "
-                f"but the base has {tuple(ref.shape)}"
-            )
+    if info["unexpected_keys"]:
+        raise ExpertMismatchError(
+            f"expert {task!r}: tensor {sorted(info['unexpected_keys'])[0]!r} in {str(folder)!r} "
+            f"is not part of the {cls.__name__} architecture ({len(info['unexpected_keys'])} such); "
+            "was it saved from another model class?"
+        )
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _check_tensor(task: str, name: str, tensor: Tensor, ref: Tensor, is_head: bool) -> None:
+    if not is_head and tensor.shape != ref.shape:
+        raise ExpertMismatchError(
+            f"expert {task!r}: tensor {name!r} has shape {tuple(tensor.shape)} "
+            f"but the base has {tuple(ref.shape)}"
+        )
+    _check_finite(f"expert {task!r}", {name: tensor})

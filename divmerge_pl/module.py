@@ -216,8 +216,9 @@ class DivMergeModule(L.LightningModule):
         """Load and check base and experts, and create Gamma (idempotent)."""
         if self.frozen is not None:
             return
-        loaded = load_experts(self.hparams.base, dict(self.hparams.experts))
-        self.frozen = FrozenExperts(loaded, getattr(torch, self.hparams.task_vector_dtype))
+        dtype = getattr(torch, self.hparams.task_vector_dtype)
+        loaded = load_experts(self.hparams.base, dict(self.hparams.experts), dtype)
+        self.frozen = FrozenExperts(loaded, dtype)
         if self.static_merge is not None:
             self.use_static_merge(self.static_merge)
         elif self.hparams.task_vector_transform == "ties":

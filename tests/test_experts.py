@@ -38,7 +38,7 @@ def test_task_vectors_are_expert_minus_base_stacked_per_tensor(tiny):
 def test_expert_with_other_shape_names_expert_and_tensor(tiny):
     odd = tiny.root / "odd"
     BertForSequenceClassification(tiny_config(2, intermediate_size=40)).save_pretrained(odd)
-    with pytest.raises(ExpertMismatchError, match=r"expert 'odd'.*intermediate\.dense\.weight.*shape"):
+    with pytest.raises(ExpertMismatchError, match=r"expert 'odd'.*intermediate\.dense\.(weight|bias).*shape"):
         load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "odd": str(odd)})
 
 
@@ -120,3 +120,50 @@ def test_expert_with_another_vocabulary_is_refused(tiny):
         ExpertMismatchError, match=r"'renamed'.*tokenizer's vocabulary differs.*'(good|nice)'"
     ):
         load_experts(str(tiny.base), {"alpha": str(tiny.experts["alpha"]), "renamed": str(renamed)})
+
+
+def _same_loads(first, second) -> None:
+    assert list(first.task_vectors) == list(second.task_vectors)
+    for name, stacked in first.task_vectors.items():
+        assert torch.equal(stacked, second.task_vectors[name])
+    assert first.fingerprints == second.fingerprints
+    for task, head in first.heads.items():
+        assert all(torch.equal(t, second.heads[task][n]) for n, t in head.items())
+
+
+def test_experts_are_read_tensor_by_tensor_from_one_file_or_shards(tiny, monkeypatch, tmp_path):
+    import divmerge_pl.experts as experts_code
+
+    experts = {t: str(p) for t, p in tiny.experts.items()}
+    whole = load_experts(str(tiny.base), experts)  # reference, before whole loads are forbidden
+    monkeypatch.setattr(experts_code, "_load_expert_whole", lambda *a: pytest.fail("expert built whole"))
+    _same_loads(load_experts(str(tiny.base), experts), whole)
+    sharded = tmp_path / "sharded"  # several safetensors files and their index
+    BertForSequenceClassification.from_pretrained(tiny.experts["beta"]).save_pretrained(
+        sharded, max_shard_size="20KB"
+    )
+    assert (sharded / "model.safetensors.index.json").is_file()
+    _same_loads(load_experts(str(tiny.base), {**experts, "beta": str(sharded)}), whole)
+
+
+def test_bf16_stacks_are_built_in_bf16_and_equal_the_rounded_float32_vectors(tiny):
+    experts = {t: str(p) for t, p in tiny.experts.items()}
+    full = load_experts(str(tiny.base), experts)
+    half = load_experts(str(tiny.base), experts, torch.bfloat16)
+    for name, stacked in half.task_vectors.items():
+        assert stacked.dtype == torch.bfloat16
+        assert torch.equal(stacked, full.task_vectors[name].to(torch.bfloat16))
+
+
+def test_an_expert_in_another_file_layout_is_loaded_whole_and_checked(tiny, monkeypatch):
+    import divmerge_pl.experts as experts_code
+
+    calls = []
+    real = experts_code._load_expert_whole
+    monkeypatch.setattr(experts_code, "_load_expert_whole", lambda *a: calls.append(a[2]) or real(*a))
+    weights = load_file(tiny.experts["beta"] / "model.safetensors")
+    # an old checkpoint naming: files saved under another prefix still load by from_pretrained
+    save_file({f"old.{k}": v for k, v in weights.items()}, tiny.experts["beta"] / "model.safetensors")
+    with pytest.raises(ExpertMismatchError, match="expert 'beta'"):
+        load_experts(str(tiny.base), {t: str(p) for t, p in tiny.experts.items()})
+    assert calls == ["beta"]
