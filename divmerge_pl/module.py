@@ -358,8 +358,8 @@ class DivMergeModule(L.LightningModule):
         size = len(dm.train_rows)
         answers = torch.full((size, width), pad, dtype=torch.long)
         lengths = torch.zeros(size, dtype=torch.long)
-        logprobs: Tensor | None = None
-        top_ids = torch.zeros((size, width, top_k), dtype=torch.long) if top_k is not None else None
+        logprobs: Tensor | None = None  # sized by the first task's targets (k may exceed the vocab)
+        top_ids: Tensor | None = None
         show = self.trainer.is_global_zero
         for dm_id, name in enumerate(dm.task_names):
             t = order[dm_id]
@@ -393,6 +393,8 @@ class DivMergeModule(L.LightningModule):
             answers[rows], lengths[rows] = outputs["train_answer_ids"], outputs["train_answer_len"]
             if logprobs is None:
                 logprobs = torch.full((size, *outputs["train_logprobs"].shape[1:]), float("-inf"))
+                if top_k is not None:
+                    top_ids = torch.zeros((size, *outputs["train_top_ids"].shape[1:]), dtype=torch.long)
             logprobs[rows] = outputs["train_logprobs"]
             if top_ids is not None:
                 top_ids[rows] = outputs["train_top_ids"]
