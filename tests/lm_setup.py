@@ -21,7 +21,7 @@ from transformers import (
 from .conftest import WORDS
 
 LM_SPECIAL = ["<pad>", "<eos>", "<unk>"]
-LM_WORDS = [*WORDS, "answer", "yes", "no", "?", ":"]
+LM_WORDS = [*WORDS, "answer", "yes", "no", "?", ":", "business", "sport"]
 LABEL_WORDS = {"alpha": ["good", "bad"], "beta": ["yes", "no"]}
 
 

@@ -283,3 +283,18 @@ def test_eval_label_without_a_label_word_is_named(lm, tmp_path):
     specs[0]["eval_files"] = str(bad)
     with pytest.raises(ValueError, match="eval label 5 has no label word"):
         fit_lm(lm, specs=specs)
+
+
+def test_training_free_merge_of_one_lm_expert_at_scale_one_is_that_expert(tmp_path):
+    lm = build_lm_setup(tmp_path, "llama", tasks=("alpha",))
+    config = write_lm_config(lm, tmp_path / "run")
+    main(["merge", "--config", str(config), "--method", "task_arithmetic", "--method_args", '{"scale": 1.0}'])
+    (run,) = sorted((tmp_path / "run" / "lightning_logs").iterdir())
+    merged = load_file(run / "merged" / "model.safetensors")
+    expert = load_file(lm.experts["alpha"] / "model.safetensors")
+    assert merged.keys() == expert.keys()
+    for name, value in merged.items():
+        torch.testing.assert_close(value, expert[name], atol=1e-6, rtol=0)
+    report = json.loads((run / "report.json").read_text())
+    # the merged model is the expert: it answers exactly as the cached expert answers did
+    assert report["tasks"]["alpha"]["merged"] == report["tasks"]["alpha"]["expert"] > 0.5
