@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +151,15 @@ def compare_main(argv: list[str]) -> dict:
         raise FileExistsError(
             f"{str(out)!r} already holds {', '.join(taken)}; pass --overwrite or another --output_dir"
         )
-    results, runs = {}, {}
+    results, runs, seconds = {}, {}, {}
     for method in methods:
         rank_zero_info(f"compare: running {method}")
+        start = time.perf_counter()
         folder = run_method(method, [*rest, f"--trainer.default_root_dir={out / method}"])
+        seconds[method] = round(time.perf_counter() - start, 2)
         runs[method] = str(folder)
         results[method] = json.loads((folder / "report.json").read_text())
-    comparison = {"methods": results, "runs": runs}
+    comparison = {"methods": results, "runs": runs, "seconds": seconds}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", comparison)
     (out / "comparison.md").write_text(comparison_table(results))

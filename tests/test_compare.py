@@ -43,6 +43,7 @@ def test_compare_runs_every_method_and_tabulates_them(tiny):
 
     comparison = json.loads((out / "comparison.json").read_text())
     assert list(comparison["methods"]) == methods
+    assert list(comparison["seconds"]) == methods and all(s > 0 for s in comparison["seconds"].values())
     table = (out / "comparison.md").read_text()
     for method in methods:
         assert f"| {method} |" in table
