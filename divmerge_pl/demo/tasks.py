@@ -113,6 +113,18 @@ TASKS: dict[str, DemoTask] = {
         _bigbench("formal_fallacies_syllogisms_negation"),
         True,
     ),
+    "multiemo": DemoTask(
+        BIGBENCH,
+        "BIG-bench multiemo/all_sentence_en (MultiEmo, Kocon et al. 2021, CC BY 4.0), Apache-2.0",
+        _bigbench("multiemo/all_sentence_en"),
+        True,
+    ),
+    "vitaminc": DemoTask(
+        BIGBENCH,
+        "BIG-bench vitaminc_fact_verification (VitaminC, Schuster et al. 2021, CC BY-SA 3.0), Apache-2.0",
+        _bigbench("vitaminc_fact_verification"),
+        True,
+    ),
 }
 
 
