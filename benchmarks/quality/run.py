@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work / f"sweep_{inputs}", ignore_errors=True)
         config = write_config(args, base, experts, largest, inputs, work / f"sweep_{inputs}" / "merge.yaml")
         folder = run_method(
-            "divmerge_layer", ["--config", str(config), f"--trainer.default_root_dir={work / f'sweep_{inputs}'}"],
-        )  # fmt: skip
+            "divmerge_layer",
+            ["--config", str(config), f"--trainer.default_root_dir={work / f'sweep_{inputs}'}"],
+        )
         sweep[str(inputs)] = anp(json.loads((folder / "report.json").read_text()))
         print(f"divmerge_layer, {inputs} inputs per task, k={len(largest)}: ANP {sweep[str(inputs)]:.1f}")
 
