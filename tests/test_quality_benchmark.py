@@ -24,11 +24,12 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path):
     root, out = tmp_path / "cache", tmp_path / "out"
     fake_archives(root / "archives")
     methods = ["average", "ties", "divmerge_layer"]
-    results = bench.main(
-        ["--quick", "--tasks", "bbc_news,amazon_reviews", "--root", str(root), "--out", str(out),
-         "--methods", ",".join(methods), "--train_size", "50", "--eval_size", "20", "--inputs", "16",
-         "--max_length", "16", "--epochs", "1", "--finetune_epochs", "1"]
-    )  # fmt: skip
+    argv = [
+        "--quick", "--tasks", "bbc_news,amazon_reviews", "--root", str(root), "--out", str(out),
+        "--methods", ",".join(methods), "--train_size", "50", "--eval_size", "20", "--inputs", "16",
+        "--max_length", "16", "--epochs", "1", "--finetune_epochs", "1", "--sweep", "",
+    ]  # fmt: skip
+    results = bench.main(argv)
     (run,) = results["runs"]
     assert run["k"] == 2 and set(run["tasks"]) == {"bbc_news", "amazon_reviews"}
     for method in methods:
@@ -46,6 +47,11 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path):
     assert saved["summary"] == json.loads(json.dumps(results["summary"]))
     assert "| divmerge_layer |" in (out / "results.md").read_text()
     assert (out / "anp_vs_k.png").stat().st_size > 1000
+
+    # an interrupted or repeated benchmark reuses finished comparisons made with the same config
+    bench.compare_main = lambda *a, **k: pytest.fail("a finished comparison was recomputed")
+    again = bench.main(argv)
+    assert again["runs"][0]["anp"] == run["anp"]
 
 
 def test_subsets_are_all_pairs_then_a_seeded_sample():
