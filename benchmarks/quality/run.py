@@ -229,13 +229,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"experts ready in {time.perf_counter() - start:.0f} s", flush=True)
     bench_start = time.perf_counter()
     ks = list(range(2, len(tasks) + 1))
-    runs = []
-    for k in ks:
-        for subset in task_subsets(tasks, k, args.subsets, args.seed):
+    plan = {k: task_subsets(tasks, k, args.subsets, args.seed) for k in ks}
+    results = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "tasks": tasks,
+        "experts": summaries,
+        "cosine_similarity": cosine_similarities(base, experts),
+        "plan": {str(k): [list(s) for s in subsets] for k, subsets in plan.items()},
+        "inputs_sweep": {"tasks": list(plan[ks[-1]][0]), "method": "divmerge_layer", "anp": {}},
+        "runs": [],
+    }
+    # round robin over k (every k's first subset, then every k's second...), with the inputs sweep
+    # after the first round: stopped early, the results still cover every k
+    for i in range(max(len(subsets) for subsets in plan.values())):
+        for k in ks:
+            if i >= len(plan[k]):
+                continue
+            subset = plan[k][i]
             name = "+".join(subset)
             print(f"k={k}: {name}", flush=True)
             comparison = compare_subset(args, base, experts, subset, methods, work / name)
-            runs.append(
+            results["runs"].append(
                 {
                     "k": k,
                     "tasks": list(subset),
@@ -244,16 +258,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "reports": comparison["methods"],
                 }
             )
+            write_results(out, results, methods, bench_start)
+        if i == 0:
+            run_sweep(args, base, experts, results, work)
+            write_results(out, results, methods, bench_start)
+    print(results_table(results, methods))
+    print(f"benchmark {results['benchmark_seconds']:.0f} s after the experts; wrote {out / 'results.json'}")
+    return results
 
-    summary = {"anp": {}, "seconds": {}}
-    for method in methods:
-        summary["anp"][method] = {
-            str(k): summarise([r["anp"][method] for r in runs if r["k"] == k]) for k in ks
-        }
-        summary["seconds"][method] = statistics.fmean(r["seconds"][method] for r in runs)
 
-    largest = next(r for r in reversed(runs) if r["k"] == ks[-1])["tasks"]
-    sweep = {}
+def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: Path) -> None:
+    """Layer-level JS on the largest subset with fewer or more unlabelled inputs per task."""
+    largest = results["inputs_sweep"]["tasks"]
     for inputs in [int(x) for x in args.sweep.split(",") if x.strip()]:
         shutil.rmtree(work / f"sweep_{inputs}", ignore_errors=True)
         config = write_config(args, base, experts, largest, inputs, work / f"sweep_{inputs}" / "merge.yaml")
@@ -261,27 +277,31 @@ def main(argv: list[str] | None = None) -> dict:
             "divmerge_layer",
             ["--config", str(config), f"--trainer.default_root_dir={work / f'sweep_{inputs}'}"],
         )
-        sweep[str(inputs)] = anp(json.loads((folder / "report.json").read_text()))
-        print(f"divmerge_layer, {inputs} inputs per task, k={len(largest)}: ANP {sweep[str(inputs)]:.1f}")
+        score = anp(json.loads((folder / "report.json").read_text()))
+        results["inputs_sweep"]["anp"][str(inputs)] = score
+        print(f"divmerge_layer, {inputs} inputs per task, k={len(largest)}: ANP {score:.1f}", flush=True)
 
-    results = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "tasks": tasks,
-        "experts": summaries,
-        "cosine_similarity": cosine_similarities(base, experts),
-        "summary": summary,
-        "inputs_sweep": {"tasks": largest, "method": "divmerge_layer", "anp": sweep},
-        "runs": runs,
-        "benchmark_seconds": round(time.perf_counter() - bench_start, 1),
+
+def results_table(results: dict, methods: list[str]) -> str:
+    ks = sorted({r["k"] for r in results["runs"]})
+    return table(results["summary"], methods, ks)
+
+
+def write_results(out: Path, results: dict, methods: list[str], bench_start: float) -> None:
+    """results.json, results.md and the plot, from the runs finished so far."""
+    runs = results["runs"]
+    ks = sorted({r["k"] for r in runs})
+    results["summary"] = {
+        "anp": {
+            m: {str(k): summarise([r["anp"][m] for r in runs if r["k"] == k]) for k in ks} for m in methods
+        },
+        "seconds": {m: statistics.fmean(r["seconds"][m] for r in runs) for m in methods},
     }
+    results["benchmark_seconds"] = round(time.perf_counter() - bench_start, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    markdown = table(summary, methods, ks)
-    (out / "results.md").write_text(markdown)
-    plot(summary, methods, ks, out / "anp_vs_k.png")
-    print(markdown)
-    print(f"benchmark {results['benchmark_seconds']:.0f} s after the experts; wrote {out / 'results.json'}")
-    return results
+    (out / "results.md").write_text(results_table(results, methods))
+    plot(results["summary"], methods, ks, out / "anp_vs_k.png")
 
 
 if __name__ == "__main__":
