@@ -6,7 +6,11 @@ twice, each in a fresh process: loading the experts alone (``load_experts``), an
 
 Each case runs in its own process; Linux's peak-RSS counter (VmHWM) is reset after the imports
 (``/proc/self/clear_refs``), so the figure is what the fit itself added: loading and checking
-the experts, teacher outputs, the merge's activations. Writes benchmarks/results/memory.json.
+the experts, teacher outputs, the merge's activations. The issue's reference is base + N task
+vectors + activations: the activations are measured on their own, in a third process, as the
+peak a forward+backward of one expert adds on one batch of the fit's shape (gradients flow
+through every layer to the input embeddings, none to the weights). Writes
+benchmarks/results/memory.json.
 """
 
 from __future__ import annotations
@@ -44,6 +48,21 @@ if {phase!r} == "load":
     tau = sum(v.numel() * v.element_size() for v in loaded.task_vectors.values())
     print("RESULT", json.dumps({{"peak_added": peak, "base_bytes": base, "task_vector_bytes": tau}}))
     sys.exit(0)
+if {phase!r} == "activations":
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(next(iter(experts.values())))
+    model.requires_grad_(False)
+    lines = [x for f in data.values() for x in open(f["train"]).read().split("\n")[:4] if x]
+    texts = [json.loads(x)["text"] for x in lines]
+    batch = AutoTokenizer.from_pretrained(setup["base"])(texts, truncation=True, max_length=64,
+                                                         padding=True, return_tensors="pt")
+    open("/proc/self/clear_refs", "w").write("5")
+    start = status("VmRSS")
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    torch.log_softmax(logits, -1).mean().backward()
+    print("RESULT", json.dumps({{"peak_added": status("VmHWM") - start}}))
+    sys.exit(0)
 module = DivMergeModule(setup["base"], experts, granularity="layer", teacher_cache=None,
                         task_vector_dtype={dtype!r})
 specs = [TaskSpec(name=t, train_files=f["train"], num_samples=200) for t, f in data.items()]
@@ -71,7 +90,7 @@ def main() -> None:
     for n in [int(x) for x in args.tasks.split(",")]:
         for dtype in ("float32", "bfloat16"):
             result = {}
-            for phase in ("load", "fit"):
+            for phase in ("load", "activations", "fit"):
                 code = CHILD.format(
                     bench=bench, root=args.root, n=n, dtype=dtype, steps=args.steps, phase=phase
                 )
@@ -80,8 +99,9 @@ def main() -> None:
                 if not line:
                     raise RuntimeError(done.stderr[-3000:])
                 measured = json.loads(line[0].removeprefix("RESULT "))
-                result.update(measured if phase == "fit" else {"load_peak_added": measured["peak_added"]})
+                result.update(measured if phase == "fit" else {f"{phase}_peak_added": measured["peak_added"]})
             held = result["base_bytes"] + result["task_vector_bytes"]
+            held_active = held + result["activations_peak_added"]
             rows.append(
                 {
                     "tasks": n,
@@ -89,6 +109,7 @@ def main() -> None:
                     **result,
                     "load_ratio_to_base_plus_vectors": result["load_peak_added"] / held,
                     "ratio_to_base_plus_vectors": result["peak_added"] / held,
+                    "ratio_to_base_vectors_activations": result["peak_added"] / held_active,
                 }
             )
             print(
@@ -98,15 +119,16 @@ def main() -> None:
     mib = 2**20
     print(
         "\n| N | task vectors | base (MiB) | task vectors (MiB) | load peak (MiB) | load / held "
-        "| fit peak (MiB) | fit / held |"
+        "| activations (MiB) | fit peak (MiB) | fit / held | fit / (held + activations) |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['tasks']} | {r['task_vector_dtype']} | {r['base_bytes'] / mib:.0f} | "
             f"{r['task_vector_bytes'] / mib:.0f} | {r['load_peak_added'] / mib:.0f} | "
-            f"{r['load_ratio_to_base_plus_vectors']:.2f} | {r['peak_added'] / mib:.0f} | "
-            f"{r['ratio_to_base_plus_vectors']:.2f} |"
+            f"{r['load_ratio_to_base_plus_vectors']:.2f} | {r['activations_peak_added'] / mib:.0f} | "
+            f"{r['peak_added'] / mib:.0f} | {r['ratio_to_base_plus_vectors']:.2f} | "
+            f"{r['ratio_to_base_vectors_activations']:.2f} |"
         )
     print(f"wrote {write_results('memory', {'steps': args.steps, 'results': rows})}")
 
