@@ -1,13 +1,16 @@
 """Shared pieces of the benchmarks: MiniLM-sized experts, data files, a step timer, the
-machine's description. Experts are random (MiniLM's shapes, no download): cost does not
-depend on what the weights have learned."""
+machine's description, the arguments every script takes. Experts are random (MiniLM's shapes,
+no download): cost does not depend on what the weights have learned. ``--tiny`` swaps in a
+2-layer, hidden-32 model so the tests can smoke-run every script in seconds."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,10 +20,25 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel, B
 
 WORDS = [f"w{i}" for i in range(2000)]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+RESULTS = Path(__file__).parent / "results"
 
 
-def minilm_config(num_labels: int = 2) -> BertConfig:
+def add_common_args(parser: argparse.ArgumentParser, steps: int) -> argparse.ArgumentParser:
+    parser.add_argument("--tasks", default="2,4,8", help="numbers of experts, comma-separated")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "divmerge_bench"),
+                        help="where the random experts and data are built (reused)")  # fmt: skip
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer hidden-32 model (smoke runs)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the JSON results")
+    return parser
+
+
+def minilm_config(num_labels: int = 2, tiny: bool = False) -> BertConfig:
     """all-MiniLM-L6-v2's shapes: 6 layers, hidden 384, 12 heads, 22.7M parameters."""
+    if tiny:
+        return BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                          num_labels=num_labels)  # fmt: skip
     return BertConfig(
         vocab_size=30522,
         hidden_size=384,
@@ -32,14 +50,15 @@ def minilm_config(num_labels: int = 2) -> BertConfig:
     )
 
 
-def build_experts(root: Path, num_tasks: int, rows: int = 200, length: int = 48) -> dict:
+def build_experts(root: Path, num_tasks: int, rows: int = 200, length: int = 48, tiny: bool = False) -> dict:
     """A base, ``num_tasks`` experts (base + noise on every tensor but the word embeddings, a new
     head each) and ``rows`` unlabelled + 64 labelled rows per task; reused when present."""
+    root = root / "tiny" if tiny else root
     root.mkdir(parents=True, exist_ok=True)
     base = root / "base"
     if not (base / "model.safetensors").is_file():
         torch.manual_seed(0)
-        BertModel(minilm_config()).save_pretrained(base)
+        BertModel(minilm_config(tiny=tiny)).save_pretrained(base)
         vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
         BertTokenizerFast(vocab=vocab).save_pretrained(base)
     experts, data = {}, {}
@@ -49,7 +68,7 @@ def build_experts(root: Path, num_tasks: int, rows: int = 200, length: int = 48)
         folder = root / "experts" / name
         if not (folder / "model.safetensors").is_file():
             torch.manual_seed(100 + t)
-            model = BertForSequenceClassification(minilm_config(num_labels=2 + t % 3))
+            model = BertForSequenceClassification(minilm_config(num_labels=2 + t % 3, tiny=tiny))
             model.bert.load_state_dict(BertModel.from_pretrained(base).state_dict())
             with torch.no_grad():
                 for param_name, param in model.bert.named_parameters():
@@ -106,8 +125,8 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, payload: dict) -> Path:
-    out = Path(__file__).parent / "results" / f"{name}.json"
+def write_results(name: str, payload: dict, folder: str | Path = RESULTS) -> Path:
+    out = Path(folder) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return out

@@ -19,8 +19,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+BENCH = str(Path(__file__).parent)
+sys.path.insert(0, BENCH)
+from common import add_common_args, write_results  # noqa: E402
 
 CHILD = r"""
 import json, os, sys
@@ -34,7 +37,7 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-setup = build_experts(__import__("pathlib").Path({root!r}), {n})
+setup = build_experts(__import__("pathlib").Path({root!r}), {n}, tiny={tiny})
 experts = dict(list(setup["experts"].items())[:{n}])
 data = dict(list(setup["data"].items())[:{n}])
 torch.set_num_threads(2)
@@ -77,14 +80,8 @@ print("RESULT", json.dumps({{"peak_added": peak, "base_bytes": base, "task_vecto
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default="2,4,8")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "divmerge_bench"))
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=4)
     args = parser.parse_args()
-    bench = str(Path(__file__).parent)
-    sys.path.insert(0, bench)
-    from common import write_results
 
     rows = []
     for n in [int(x) for x in args.tasks.split(",")]:
@@ -92,7 +89,8 @@ def main() -> None:
             result = {}
             for phase in ("load", "activations", "fit"):
                 code = CHILD.format(
-                    bench=bench, root=args.root, n=n, dtype=dtype, steps=args.steps, phase=phase
+                    bench=BENCH, root=args.root, n=n, dtype=dtype, steps=args.steps, phase=phase,
+                    tiny=args.tiny,
                 )
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -130,7 +128,7 @@ def main() -> None:
             f"{r['peak_added'] / mib:.0f} | {r['ratio_to_base_plus_vectors']:.2f} | "
             f"{r['ratio_to_base_vectors_activations']:.2f} |"
         )
-    print(f"wrote {write_results('memory', {'steps': args.steps, 'results': rows})}")
+    print(f"wrote {write_results('memory', {'steps': args.steps, 'results': rows}, args.results)}")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import StepTimer, build_experts, write_results
+from common import StepTimer, add_common_args, build_experts, write_results
 from step_cost import datamodule, trainer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
@@ -90,17 +89,14 @@ def peer_step_seconds(setup: dict, steps: int, length: int) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default="2,4,8")
-    parser.add_argument("--steps", type=int, default=12)
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=12)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "divmerge_bench"))
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
     results = []
     for n in [int(x) for x in args.tasks.split(",")]:
-        setup = build_experts(Path(args.root), n, length=args.length)
+        setup = build_experts(Path(args.root), n, length=args.length, tiny=args.tiny)
         setup["experts"] = dict(list(setup["experts"].items())[:n])
         setup["data"] = dict(list(setup["data"].items())[:n])
         ours = our_step_seconds(setup, args.steps, args.length)
@@ -122,7 +118,9 @@ def main() -> None:
         peer = version("fusion-bench")
     except Exception:
         peer = None
-    out = write_results("peer_adamerging", {"steps": args.steps, "fusion_bench": peer, "results": results})
+    out = write_results(
+        "peer_adamerging", {"steps": args.steps, "fusion_bench": peer, "results": results}, args.results
+    )
     print(f"wrote {out}")
 
 

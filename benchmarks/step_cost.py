@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import StepTimer, build_experts, write_results
+from common import StepTimer, add_common_args, build_experts, write_results
 from transformers import AutoModelForSequenceClassification
 
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
@@ -77,17 +77,14 @@ def count_teacher_rows() -> tuple[list[int], callable]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default="2,4,8")
-    parser.add_argument("--steps", type=int, default=12)
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=12)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "divmerge_bench"))
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
     results = []
     for n in [int(x) for x in args.tasks.split(",")]:
-        setup = build_experts(Path(args.root), n, length=args.length)
+        setup = build_experts(Path(args.root), n, length=args.length, tiny=args.tiny)
         setup["experts"] = dict(list(setup["experts"].items())[:n])
         setup["data"] = dict(list(setup["data"].items())[:n])
         batch = 4 * n
@@ -121,7 +118,7 @@ def main() -> None:
 
     # teacher cache: expert forwards per input, over 2 epochs and a second run
     n = 2
-    setup = build_experts(Path(args.root), n, length=args.length)
+    setup = build_experts(Path(args.root), n, length=args.length, tiny=args.tiny)
     setup["experts"] = dict(list(setup["experts"].items())[:n])
     setup["data"] = dict(list(setup["data"].items())[:n])
     cache = Path(tempfile.mkdtemp(prefix="teachers-"))
@@ -151,7 +148,9 @@ def main() -> None:
         f"\nteacher cache: {inputs} inputs, 2 epochs: run 1 ran experts on {counts[0]} rows "
         f"({counts[0] / inputs:.2f} per input), run 2 on {counts[1]}"
     )
-    out = write_results("step_cost", {"steps": args.steps, "results": results, "teacher_cache": teacher})
+    out = write_results(
+        "step_cost", {"steps": args.steps, "results": results, "teacher_cache": teacher}, args.results
+    )
     print(f"wrote {out}")
 
 

@@ -1,0 +1,56 @@
+"""Smoke runs of the speed and memory benchmarks on a 2-layer hidden-32 model: each script
+runs end to end and writes JSON whose numbers hold together (timings themselves are not
+asserted: they are only meaningful on idle cores, in benchmarks/results)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "results"
+    argv = [sys.executable, str(BENCH / f"{name}.py"), "--tiny", "--tasks", "2", "--steps", "3",
+            "--root", str(tmp_path / "experts"), "--results", str(out), *extra]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=BENCH, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_step_cost_counts_one_expert_forward_per_input_then_none(tmp_path: Path):
+    result = run_script("step_cost", tmp_path)
+    assert [r["granularity"] for r in result["results"]] == ["task", "layer"]
+    for row in result["results"]:
+        assert row["ratio"] == pytest.approx(row["divmerge_step_s"] / row["plain_step_s"])
+    teacher = result["teacher_cache"]
+    assert teacher["expert_forward_rows_run1"] == teacher["inputs"] == 400
+    assert teacher["expert_forward_rows_run2"] == 0
+    assert result["machine"]["torch"].startswith("2.13.0")
+
+
+def test_peer_benchmark_times_our_side_without_fusion_bench(tmp_path: Path):
+    result = run_script("peer_adamerging", tmp_path)
+    (row,) = result["results"]
+    assert row["tasks"] == 2 and row["batch"] == 8 and row["ours_step_s"] > 0
+    if result["fusion_bench"] is None:
+        assert row["fusionbench_step_s"] is None and row["ratio"] is None
+    else:
+        assert row["ratio"] == pytest.approx(row["ours_step_s"] / row["fusionbench_step_s"])
+
+
+def test_memory_bfloat16_vectors_take_half_the_bytes(tmp_path: Path):
+    result = run_script("memory", tmp_path)
+    fp32, bf16 = result["results"]
+    assert (fp32["task_vector_dtype"], bf16["task_vector_dtype"]) == ("float32", "bfloat16")
+    assert bf16["task_vector_bytes"] * 2 == fp32["task_vector_bytes"] > 0
+    assert fp32["base_bytes"] == bf16["base_bytes"] > 0
+    for row in (fp32, bf16):
+        held = row["base_bytes"] + row["task_vector_bytes"]
+        assert row["ratio_to_base_plus_vectors"] == pytest.approx(row["peak_added"] / held)
+        assert row["activations_peak_added"] > 0
