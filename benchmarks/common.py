@@ -12,6 +12,7 @@ import platform
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +32,16 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int) -> argparse.Arg
     parser.add_argument("--tiny", action="store_true", help="a 2-layer hidden-32 model (smoke runs)")
     parser.add_argument("--results", default=str(RESULTS), help="folder of the JSON results")
     return parser
+
+
+def expert_setups(args: argparse.Namespace) -> Iterator[tuple[int, dict]]:
+    """For each N of ``--tasks``: the first N experts and their data (built once, reused)."""
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    for n in [int(x) for x in args.tasks.split(",")]:
+        setup = build_experts(Path(args.root), n, length=args.length, tiny=args.tiny)
+        setup["experts"] = dict(list(setup["experts"].items())[:n])
+        setup["data"] = dict(list(setup["data"].items())[:n])
+        yield n, setup
 
 
 def minilm_config(num_labels: int = 2, tiny: bool = False) -> BertConfig:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import StepTimer, add_common_args, build_experts, write_results
+from common import StepTimer, add_common_args, expert_setups, write_results
 from step_cost import datamodule, trainer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
@@ -92,13 +92,9 @@ def main() -> None:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=12)
     parser.add_argument("--length", type=int, default=64)
     args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
     results = []
-    for n in [int(x) for x in args.tasks.split(",")]:
-        setup = build_experts(Path(args.root), n, length=args.length, tiny=args.tiny)
-        setup["experts"] = dict(list(setup["experts"].items())[:n])
-        setup["data"] = dict(list(setup["data"].items())[:n])
+    for n, setup in expert_setups(args):
         ours = our_step_seconds(setup, args.steps, args.length)
         theirs = peer_step_seconds(setup, args.steps, args.length)
         ratio = ours / theirs if theirs else None

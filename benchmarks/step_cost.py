@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import StepTimer, add_common_args, build_experts, write_results
+from common import StepTimer, add_common_args, expert_setups, write_results
 from transformers import AutoModelForSequenceClassification
 
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
@@ -80,13 +80,9 @@ def main() -> None:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=12)
     parser.add_argument("--length", type=int, default=64)
     args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
     results = []
-    for n in [int(x) for x in args.tasks.split(",")]:
-        setup = build_experts(Path(args.root), n, length=args.length, tiny=args.tiny)
-        setup["experts"] = dict(list(setup["experts"].items())[:n])
-        setup["data"] = dict(list(setup["data"].items())[:n])
+    for n, setup in expert_setups(args):
         batch = 4 * n
         timer = StepTimer()
         plain = PlainStep(next(iter(setup["experts"].values())))
@@ -117,10 +113,7 @@ def main() -> None:
             )
 
     # teacher cache: expert forwards per input, over 2 epochs and a second run
-    n = 2
-    setup = build_experts(Path(args.root), n, length=args.length, tiny=args.tiny)
-    setup["experts"] = dict(list(setup["experts"].items())[:n])
-    setup["data"] = dict(list(setup["data"].items())[:n])
+    n, setup = next(expert_setups(argparse.Namespace(**{**vars(args), "tasks": "2"})))
     cache = Path(tempfile.mkdtemp(prefix="teachers-"))
     rows, restore = count_teacher_rows()
     counts = []
