@@ -19,6 +19,15 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig, P
 from .coefficients import CoefficientLayout
 
 
+def merge_tensor(base: Tensor, stacked: Tensor, gamma: Tensor) -> Tensor:
+    """``base + sum_t gamma[t] * stacked[t]`` for one tensor: one fused contraction over tasks."""
+    if stacked.dtype == gamma.dtype:
+        delta = torch.tensordot(gamma, stacked, dims=1)
+    else:  # low-precision storage: upcast inside, keep only the stored vectors for backward
+        delta = _UpcastCombination.apply(gamma, stacked)
+    return base + delta.to(base.dtype)
+
+
 def merge_tensors(
     base: dict[str, Tensor],
     task_vectors: dict[str, Tensor],
@@ -26,15 +35,10 @@ def merge_tensors(
     layout: CoefficientLayout,
 ) -> dict[str, Tensor]:
     """``theta0_n + sum_t Gamma[t, group(n)] * tau_t_n`` for every merged tensor ``n``."""
-    merged = {}
-    for name, stacked in task_vectors.items():
-        gamma = coefficients[:, layout.group_of[name]]
-        if stacked.dtype == gamma.dtype:
-            delta = torch.tensordot(gamma, stacked, dims=1)
-        else:  # low-precision storage: upcast inside, keep only the stored vectors for backward
-            delta = _UpcastCombination.apply(gamma, stacked)
-        merged[name] = base[name] + delta.to(base[name].dtype)
-    return merged
+    return {
+        name: merge_tensor(base[name], stacked, coefficients[:, layout.group_of[name]])
+        for name, stacked in task_vectors.items()
+    }
 
 
 class _UpcastCombination(torch.autograd.Function):
@@ -62,13 +66,15 @@ class _UpcastCombination(torch.autograd.Function):
         return grad_gamma, None
 
 
+def expert_tensor(base: Tensor, stacked: Tensor, task_index: int) -> Tensor:
+    """Expert ``t``'s own weight, ``theta0 + tau_t``, rebuilt from its task vector."""
+    return base + stacked[task_index].to(base.dtype)
+
+
 def expert_tensors(
     base: dict[str, Tensor], task_vectors: dict[str, Tensor], task_index: int
 ) -> dict[str, Tensor]:
-    """Expert ``t``'s own weights, ``theta0 + tau_t``, rebuilt from its task vector."""
-    return {
-        name: base[name] + stacked[task_index].to(base[name].dtype) for name, stacked in task_vectors.items()
-    }
+    return {name: expert_tensor(base[name], stacked, task_index) for name, stacked in task_vectors.items()}
 
 
 def forward_logits(

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from datasets import Dataset
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .answers import answer_logits, answer_targets, expert_generations, generate_answers
@@ -22,13 +22,16 @@ from .divergences import coarsen, get_objective
 from .experts import KIND_CLASS, LoadedExperts, load_experts
 from .merged import (
     build_model,
+    expert_tensor,
     expert_tensors,
     forward_logits,
     logits_per_task,
+    merge_tensor,
     merge_tensors,
     swapped_weights,
 )
 from .metrics import TaskScores, build_report
+from .on_demand import MakeTensor, merged_on_demand
 from .static_merges import StaticMerge, dare_task_vectors, ties_task_vectors
 from .teachers import DEFAULT_CACHE, TeacherCache, cache_key, compute_logprobs, token_fingerprint
 
@@ -133,6 +136,7 @@ class DivMergeModule(L.LightningModule):
         task_vector_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         max_new_tokens: int = 16,
         top_k: int | None = None,
+        merge_on_demand: bool = True,
     ) -> None:
         """
         Args:
@@ -160,6 +164,10 @@ class DivMergeModule(L.LightningModule):
                 of the expert and one bucket for the rest, in the cache and in the loss, instead
                 of the whole vocabulary (memory ``k + 1`` per position, not V; the divergence on
                 this coarser partition is a lower bound of the full one, equal at k = V).
+            merge_on_demand: build each module's merged weights only while it runs, and again
+                in backward, instead of a whole merged copy of the model held for the step
+                (less memory, one more merge per step). Checked once against the plain merge:
+                a model that reads a weight outside its own module falls back, with a warning.
         """
         super().__init__()
         get_objective(objective)
@@ -188,6 +196,7 @@ class DivMergeModule(L.LightningModule):
         self.last_merged_scores: tuple[int, dict[str, float]] | None = None
         self._teachers_ready = False
         self._eval_tensors: dict[str, Tensor] | None = None
+        self._on_demand_ok = False  # set by prepare_teachers, once checked on this model
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -306,6 +315,7 @@ class DivMergeModule(L.LightningModule):
         dm = self._datamodule()
         order = [self.tasks.index(name) for name in dm.task_names]
         self.register_buffer("task_map", torch.tensor(order, device=self.device), persistent=False)
+        self._on_demand_ok = self._on_demand_works(dm)
         if self.generative:
             self._prepare_answer_teachers(dm, order)
         else:
@@ -409,19 +419,54 @@ class DivMergeModule(L.LightningModule):
         self.expert_scores = {self.tasks[i]: s for i, s in scores.compute().items()}
 
     def _expert_logprobs(self, t: int, dm: MergeDataModule, rows: Dataset, desc: str) -> Tensor:
-        tensors = {
-            **expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t),
-            **self.frozen.head(t),
-        }
+        make = self._expert_weights(t)
+        eager = {} if self._on_demand_ok else {n: make(n) for n in self.frozen.names}
+        head = self.frozen.head(t)
 
         def forward(batch: dict[str, Tensor]) -> Tensor:
             inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-            return forward_logits(self.frozen.skeleton, tensors, inputs)
+            if eager:
+                return forward_logits(self.frozen.skeleton, {**eager, **head}, inputs)
+            with self._on_demand(make):
+                return forward_logits(self.frozen.skeleton, head, inputs)
 
         show = self.trainer.is_global_zero
         return compute_logprobs(forward, dm.ordered_dataloader(rows), desc, show)
 
     # ------------------------------------------------------------------ the merge
+    def _merge_at_coefficients(self) -> MakeTensor:
+        """One merged tensor at the current coefficients (differentiable in Gamma)."""
+        base, vectors = self.frozen.base_tensors(), self.frozen.merge_vectors()
+        group = self.layout.group_of
+        return lambda name: merge_tensor(base[name], vectors[name], self.coefficients[:, group[name]])
+
+    def _expert_weights(self, t: int) -> MakeTensor:
+        base, vectors = self.frozen.base_tensors(), self.frozen.task_vectors()
+        return lambda name: expert_tensor(base[name], vectors[name], t)
+
+    def _on_demand(self, make: MakeTensor):
+        return merged_on_demand(self.frozen.skeleton, make, self.frozen.names)
+
+    @torch.no_grad()
+    def _on_demand_works(self, dm: MergeDataModule) -> bool:
+        """Whether merging module by module suits this model: a few rows' logits come out
+        finite (a weight read outside its own module reads NaN). Once per fit."""
+        if not self.hparams.merge_on_demand or self.frozen.static_delta() is not None:
+            return False
+        batch = next(iter(dm.ordered_dataloader(dm.train_rows)))
+        inputs = {k: batch[k][:4].to(self.device) for k in MODEL_INPUTS if k in batch}
+        with self._on_demand(self._merge_at_coefficients()):
+            logits = forward_logits(self.frozen.skeleton, self.frozen.head(0), inputs)
+        if bool(torch.isfinite(logits).all()):
+            return True
+        rank_zero_warn(
+            "model.merge_on_demand: this model reads some weight outside its own module's forward "
+            "(its logits are not finite when merged weights exist only inside their modules), so "
+            "each step builds the whole merged model instead (one more copy of the model in "
+            "memory). Set model.merge_on_demand: false to skip this check."
+        )
+        return False
+
     def merged_tensors(self) -> dict[str, Tensor]:
         """Merged backbone tensors at the current coefficients (differentiable in Gamma), or
         the fixed result of a training-free method."""
@@ -444,12 +489,18 @@ class DivMergeModule(L.LightningModule):
         logits = logits_per_task(self.frozen.skeleton, merged, heads, inputs, groups)
         return [(t, rows, out) for (t, rows), out in zip(groups, logits, strict=True)]
 
+    def _training_divergences(self, batch: dict[str, Tensor]):
+        """``(task, objective per row)``, merged on demand when this model allows it."""
+        if self._on_demand_ok:
+            with self._on_demand(self._merge_at_coefficients()):
+                return self._row_divergences({}, batch)
+        return self._row_divergences(self.merged_tensors(), batch)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        merged = self.merged_tensors()
         name = self.hparams.objective
         task_sums: dict[int, Tensor] = {}
         counts = torch.zeros(len(self.tasks), device=self.device)
-        for t, per_row in self._row_divergences(merged, batch):
+        for t, per_row in self._training_divergences(batch):
             task_sums[t], counts[t] = per_row.sum(), per_row.numel()
             self.log(f"train/{name}/{self.tasks[t]}", per_row.mean(), batch_size=per_row.numel())
         zero = torch.zeros((), device=self.device)
