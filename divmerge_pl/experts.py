@@ -10,8 +10,6 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -85,25 +83,29 @@ def _digest_tensor(digest, name: str, tensor: Tensor) -> None:
     digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
 
 
-@contextmanager
-def open_safetensors(folder: Path, names: set[str]) -> Iterator[dict[str, object] | None]:
-    """Lazy per-tensor handles on ``folder``'s safetensors (one file or shards), or None when the
-    files do not hold exactly ``names`` (other layouts then take a full ``from_pretrained``, which
-    also reports what is missing or extra)."""
+def safetensors_files(folder: Path, names: set[str]) -> dict[str, Path] | None:
+    """Which safetensors file (one, or shards) holds each tensor of ``folder``, or None when the
+    files do not hold exactly ``names`` (other layouts then take a full ``from_pretrained``,
+    which also reports what is missing or extra)."""
     index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     elif index.is_file():
         files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     else:
-        yield None
-        return
-    with ExitStack() as stack:
-        handles = {}
-        for path in files:
-            handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            handles.update(dict.fromkeys(handle.keys(), handle))
-        yield handles if set(handles) == names else None
+        return None
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), path))
+    return where if set(where) == names else None
+
+
+def read_safetensor(path: Path, name: str) -> Tensor:
+    """One tensor, its file mapped only while the tensor lives: a handle kept open for a whole
+    expert would keep every page read so far resident, a second copy of the model in RSS."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(name).to(torch.float32)
 
 
 @dataclass
@@ -203,27 +205,25 @@ def load_experts(
     on_disk = set(skeleton.state_dict()) - set(tied_alias_names(skeleton))
     for t, task in enumerate(tasks):
         _check_tokenizer(task, paths[task], paths["base"])
-        with open_safetensors(paths[task], on_disk) as handles:
-            if handles is None:
-                state = _load_expert_whole(cls, paths[task], task)
-                read = state.__getitem__
-            else:
-                read = lambda name, h=handles: h[name].get_tensor(name).to(torch.float32)  # noqa: E731
-            digest = hashlib.blake2b(digest_size=16)
-            for name in sorted(base_state):  # the order `fingerprint` hashes in
-                tensor = read(name)
-                _check_tensor(task, name, tensor, base_state[name], name in heads)
-                _digest_tensor(digest, name, tensor)
-                if name in heads:  # a copy: a view would keep the whole mapped file alive
-                    task_heads.setdefault(task, {})[name] = tensor.clone()
-                    continue
-                tau = tensor - base_state[name]
-                if tau.any():
-                    if name not in task_vectors:
-                        task_vectors[name] = torch.zeros((len(tasks), *tau.shape), dtype=vector_dtype)
-                    task_vectors[name][t] = tau
-            fingerprints[task] = digest.hexdigest()
-            task_heads.setdefault(task, {})
+        files = safetensors_files(paths[task], on_disk)
+        if files is None:
+            read = _load_expert_whole(cls, paths[task], task).__getitem__
+        else:
+            read = lambda name, files=files: read_safetensor(files[name], name)  # noqa: E731
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(base_state):  # the order `fingerprint` hashes in
+            tensor = read(name)
+            _check_tensor(task, name, tensor, base_state[name], name in heads)
+            _digest_tensor(digest, name, tensor)
+            if name in heads:  # a copy: a view would keep the whole mapped file alive
+                task_heads.setdefault(task, {})[name] = tensor.clone()
+                continue
+            if not torch.equal(tensor, base_state[name]):  # no temporary difference tensor
+                if name not in task_vectors:
+                    task_vectors[name] = torch.zeros((len(tasks), *tensor.shape), dtype=vector_dtype)
+                torch.sub(tensor, base_state[name], out=task_vectors[name][t])
+        fingerprints[task] = digest.hexdigest()
+        task_heads.setdefault(task, {})
     task_vectors = {n: task_vectors[n] for n in merged_names if n in task_vectors}  # model order
     return LoadedExperts(
         kind=kind,
@@ -239,10 +239,11 @@ def load_experts(
 
 def _check_finite(role: str, state: dict[str, Tensor]) -> None:
     for name, tensor in state.items():
-        bad = ~torch.isfinite(tensor)
-        if bad.any():
+        # in chunks: isfinite makes a temporary |x| as large as the tensor (an embedding matrix)
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in tensor.reshape(-1).split(1 << 20))
+        if bad:
             raise ExpertMismatchError(
-                f"{role}: tensor {name!r} holds {int(bad.sum())} NaN/inf value(s); "
+                f"{role}: tensor {name!r} holds {bad} NaN/inf value(s); "
                 "the model is corrupted (re-export it, or check its fine-tuning for divergence)"
             )
 
