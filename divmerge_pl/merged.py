@@ -51,17 +51,16 @@ class _UpcastCombination(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gamma: Tensor, stacked: Tensor) -> Tensor:
         ctx.save_for_backward(stacked)
-        ctx.gamma_dtype = gamma.dtype
         delta = torch.zeros(stacked.shape[1:], dtype=gamma.dtype, device=stacked.device)
         for t in range(stacked.shape[0]):
-            delta.add_(stacked[t].to(gamma.dtype) * gamma[t])  # no host sync on gamma
+            delta.addcmul_(stacked[t], gamma[t])  # promotes in place: no upcast copy, no host sync
         return delta
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (stacked,) = ctx.saved_tensors
         grad_gamma = torch.stack(
-            [(grad * stacked[t].to(ctx.gamma_dtype)).sum() for t in range(stacked.shape[0])]
+            [torch.mul(grad, stacked[t]).sum() for t in range(stacked.shape[0])]  # promotes: one temporary
         )
         return grad_gamma, None
 
