@@ -25,7 +25,8 @@ def run_script(name: str, tmp_path: Path, *extra: str) -> dict:
 
 def test_step_cost_counts_one_expert_forward_per_input_then_none(tmp_path: Path):
     result = run_script("step_cost", tmp_path)
-    assert [r["granularity"] for r in result["results"]] == ["task", "layer"]
+    variants = [(r["granularity"], r["merge_on_demand"]) for r in result["results"]]
+    assert variants == [("task", True), ("layer", True), ("layer", False)]
     for row in result["results"]:
         assert row["ratio"] == pytest.approx(row["divmerge_step_s"] / row["plain_step_s"])
     teacher = result["teacher_cache"]
