@@ -220,7 +220,10 @@ def test_two_cpu_processes_with_ddp_learn_what_one_process_learns(tiny):
     assert done.returncode == 0, done.stderr[-3000:]
     single, ddp = _final(tiny.root / "single"), _final(tiny.root / "ddp")
     assert not torch.allclose(single, torch.full_like(single, 0.5))
-    torch.testing.assert_close(ddp, single, atol=1e-5, rtol=0)
+    # the gradient is summed in another order across ranks; Adam, scale-free, turns that rounding
+    # into up to ~1e-5 here on AMD EPYC (the coefficients move by ~0.12; per-rank task means
+    # instead of global ones, a real bug, differ by ~2e-2)
+    torch.testing.assert_close(ddp, single, atol=1e-4, rtol=0)
     # the export ran once, on rank 0, with the validation scores gathered from both ranks
     reports = [json.loads(p.read_text()) for p in (tiny.root / "ddp").rglob("report.json")]
     (report,) = reports
