@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections import Counter
 
 import pytest
 import torch
@@ -60,8 +61,10 @@ def test_no_merged_weight_lives_from_forward_to_backward(tiny):
     batch = first_batch(trainer)
     merge = module._merge_at_coefficients()
     made: list[weakref.ref] = []
+    alive_at_make: list[int] = []
 
     def make(name: str) -> torch.Tensor:
+        alive_at_make.append(sum(ref() is not None for ref in made))
         tensor = merge(name)
         made.append(weakref.ref(tensor))
         return tensor
@@ -71,6 +74,9 @@ def test_no_merged_weight_lives_from_forward_to_backward(tiny):
     built_in_forward = len(made)
     gc.collect()
     assert built_in_forward >= len(module.frozen.names)
+    # during the forward, only the running module's own weights (a weight and a bias) exist
+    per_module = Counter(name.rsplit(".", 1)[0] for name in module.frozen.names)
+    assert max(alive_at_make) < max(per_module.values()) == 2
     assert all(ref() is None for ref in made)  # the whole merge keeps every one until backward
     loss.backward()
     assert len(made) > built_in_forward  # backward rebuilt the weights it needed
