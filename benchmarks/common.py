@@ -114,10 +114,14 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, *args) -> None:
         self.times.append(time.perf_counter() - self._start)
 
-    def fastest(self, skip: int = 2) -> float:
-        """The fastest step after ``skip`` warm-ups: on a shared VM, interference only adds time
-        (a median over 10 steps still moved a ratio by 0.5 between runs)."""
-        return min(self.times[skip:])
+    def fastest(self) -> float:
+        return fastest_step(self.times)
+
+
+def fastest_step(times: list[float], skip: int = 2) -> float:
+    """The fastest step after ``skip`` warm-ups: on a shared VM, interference only adds time
+    (a median over 10 steps still moved a ratio by 0.5 between runs)."""
+    return min(times[skip:])
 
 
 def machine() -> dict:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import StepTimer, add_common_args, expert_setups, write_results
+from common import StepTimer, add_common_args, expert_setups, fastest_step, write_results
 from step_cost import datamodule, trainer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
@@ -84,7 +84,7 @@ def peer_step_seconds(setup: dict, steps: int, length: int) -> float | None:
         optimizer.zero_grad()
         merged.merge_weights()
         times.append(time.perf_counter() - start)
-    return min(times[2:])  # as StepTimer.fastest
+    return fastest_step(times)
 
 
 def main() -> None:
