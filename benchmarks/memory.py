@@ -82,9 +82,15 @@ print("RESULT", json.dumps({{"peak_added": peak, "base_bytes": base, "task_vecto
 """
 
 
-# (phase, extra environment): the fit is measured with glibc's default and a fixed mmap threshold
+# (phase, extra environment, key of its peak): the fit is measured with glibc's default and with
+# a fixed mmap threshold
 FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-PHASES = [("load", {}), ("activations", {}), ("fit", {}), ("fit", FIXED_THRESHOLD)]
+PHASES = [
+    ("load", {}, "load_peak_added"),
+    ("activations", {}, "activations_peak_added"),
+    ("fit", {}, "peak_added"),
+    ("fit", FIXED_THRESHOLD, "fixed_threshold_peak_added"),
+]
 
 
 def main() -> None:
@@ -95,7 +101,7 @@ def main() -> None:
     for n in [int(x) for x in args.tasks.split(",")]:
         for dtype in ("float32", "bfloat16"):
             result = {}
-            for phase, env in PHASES:
+            for phase, env, key in PHASES:
                 code = CHILD.format(
                     bench=BENCH,
                     root=args.root,
@@ -112,12 +118,8 @@ def main() -> None:
                 if not line:
                     raise RuntimeError(done.stderr[-3000:])
                 measured = json.loads(line[0].removeprefix("RESULT "))
-                if phase != "fit":
-                    result[f"{phase}_peak_added"] = measured["peak_added"]
-                elif not env:
-                    result.update(measured)
-                else:
-                    result["fixed_threshold_peak_added"] = measured["peak_added"]
+                result[key] = measured.pop("peak_added")
+                result.update(measured)  # base and task-vector bytes, from the load and fit phases
             held = result["base_bytes"] + result["task_vector_bytes"]
             held_active = held + result["activations_peak_added"]
             rows.append(

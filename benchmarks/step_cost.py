@@ -116,8 +116,7 @@ def main() -> None:
             )
             print(
                 f"N={n} {granularity:5s} on demand {on_demand!s:5s} plain {plain_s:.3f}s "
-                f"divmerge {step_s:.3f}s "
-                f"ratio {step_s / plain_s:.2f}"
+                f"divmerge {step_s:.3f}s ratio {step_s / plain_s:.2f}"
             )
 
     # teacher cache: expert forwards per input, over 2 epochs and a second run
