@@ -299,8 +299,21 @@ class MergeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def scoring_dataloader(self, rows: Dataset) -> DataLoader:
+        """``rows`` shortest first: a score does not depend on the order of its rows, and batches
+        of similar length carry little padding (a short task's rows beside a long task's would be
+        padded to the long one)."""
+        lengths = [len(ids) for ids in rows["input_ids"]]
+        return DataLoader(
+            rows,
+            batch_size=self.eval_batch_size,
+            sampler=sorted(range(len(rows)), key=lengths.__getitem__),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.eval_rows is None else self.ordered_dataloader(self.eval_rows)
+        return [] if self.eval_rows is None else self.scoring_dataloader(self.eval_rows)
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()

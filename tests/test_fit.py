@@ -222,3 +222,28 @@ def test_each_epoch_visits_every_row_once_in_a_new_order(tiny):
         orders.append(torch.cat([b["row_id"] for b in loader]).tolist())
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(64))
     assert orders[0] != orders[1]
+
+
+def test_scoring_reads_rows_shortest_first_and_scores_as_in_file_order(tiny):
+    module, trainer = fit_module(tiny, {"alpha": 2, "beta": 3}, max_steps=2, granularity="task")
+    data = trainer.datamodule
+    data.eval_batch_size = 4  # several batches of the 40 eval rows
+    batches = list(data.scoring_dataloader(data.eval_rows))
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(-1)]
+    assert lengths == sorted(lengths)
+    assert sorted(torch.cat([b["row_id"] for b in batches]).tolist()) == list(range(len(data.eval_rows)))
+    padded = sum(b["input_ids"].numel() for b in batches)
+    in_file_order = sum(b["input_ids"].numel() for b in data.ordered_dataloader(data.eval_rows))
+    assert padded < in_file_order
+
+    correct, total = {}, {}
+    with torch.no_grad():
+        merged = module.merged_tensors()
+        for batch in data.ordered_dataloader(data.eval_rows):
+            for t, rows in module._task_rows(batch):
+                hits = per_task_logits(module, t, merged, batch, rows).argmax(-1) == batch["labels"][rows]
+                correct[t] = correct.get(t, 0) + int(hits.sum())
+                total[t] = total.get(t, 0) + int(rows.sum())
+    report = module.evaluate()
+    for t, task in enumerate(module.tasks):
+        assert report["tasks"][task]["merged"] == pytest.approx(correct[t] / total[t])
