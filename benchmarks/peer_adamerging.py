@@ -48,7 +48,7 @@ def task_batches(setup: dict, steps: int, length: int) -> list[list[dict]]:
     for files in setup["data"].values():
         texts = [line for line in Path(files["train"]).read_text().splitlines() if line]
         texts = [json.loads(t)["text"] for t in texts]
-        rows = [texts[(4 * s) % len(texts):(4 * s) % len(texts) + 4] for s in range(steps)]
+        rows = [texts[(4 * s) % len(texts) : (4 * s) % len(texts) + 4] for s in range(steps)]
         per_task.append([tokenizer(r, truncation=True, max_length=length, padding=True,
                                    return_tensors="pt") for r in rows])  # fmt: skip
     return [[task[s] for task in per_task] for s in range(steps)]
@@ -68,8 +68,9 @@ def peer_step_seconds(setup: dict, steps: int, length: int) -> float | None:
     heads = [e.classifier.eval().requires_grad_(False) for e in experts]
     n_tensors = len([p for p in base.parameters() if p.requires_grad])
     weights = get_layer_wise_weights(len(experts), n_tensors, init_values=1.0 / len(experts))
-    merged = LayerWiseMergedModel(weights, base, [e.bert for e in experts], clamp_weights=False,
-                                  strict=False).eval()  # transformers 5: position ids are not in state_dict
+    merged = LayerWiseMergedModel(
+        weights, base, [e.bert for e in experts], clamp_weights=False, strict=False
+    ).eval()  # transformers 5: position ids are not in state_dict
     optimizer = torch.optim.Adam([merged.merge_weight], lr=1e-2)
     merged.merge_weights()
     times = []
