@@ -48,10 +48,15 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path):
     assert "| divmerge_layer |" in (out / "results.md").read_text()
     assert (out / "anp_vs_k.png").stat().st_size > 1000
 
-    # an interrupted or repeated benchmark reuses finished comparisons made with the same config
+    # an interrupted or repeated benchmark reuses finished comparisons made with the same config;
+    # the inputs sweep reuses the comparison's own layer-level run at its number of inputs
     bench.compare_main = lambda *a, **k: pytest.fail("a finished comparison was recomputed")
-    again = bench.main(argv)
+    swept = [a for a in argv if a != "--quick"] + ["--subsets", "1", "--sweep", "8,16"]
+    again = bench.main(swept)
     assert again["runs"][0]["anp"] == run["anp"]
+    assert again["inputs_sweep"]["anp"]["16"] == run["anp"]["divmerge_layer"]
+    assert not (root / "runs" / "sweep_16").exists()
+    assert (root / "runs" / "sweep_8").is_dir() and 0 <= again["inputs_sweep"]["anp"]["8"] <= 200
 
 
 def test_subsets_are_all_pairs_then_a_seeded_sample():

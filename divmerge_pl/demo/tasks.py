@@ -119,6 +119,13 @@ TASKS: dict[str, DemoTask] = {
         _bigbench("multiemo/all_sentence_en"),
         True,
     ),
+    "epistemic_reasoning": DemoTask(
+        BIGBENCH,
+        "BIG-bench epistemic_reasoning (premise/hypothesis entailment about beliefs and knowledge, "
+        "Sileo & Lernould), Apache-2.0",
+        _bigbench("epistemic_reasoning"),
+        True,
+    ),
     "vitaminc": DemoTask(
         BIGBENCH,
         "BIG-bench vitaminc_fact_verification (VitaminC, Schuster et al. 2021, CC BY-SA 3.0), Apache-2.0",
