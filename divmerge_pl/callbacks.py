@@ -95,14 +95,20 @@ class MergedModelExport(L.Callback):
     """At the end of ``fit``: write ``merged/``, ``coefficients.json`` and ``report.json`` into
     the run's log directory (or ``dirpath``) and print the report table."""
 
-    def __init__(self, dirpath: str | None = None, overwrite: bool = False) -> None:
+    def __init__(
+        self, dirpath: str | None = None, overwrite: bool = False, save_weights: bool = True
+    ) -> None:
         """
         Args:
             dirpath: where to write; None means the trainer's ``log_dir``.
             overwrite: replace the outputs of an earlier run in the same folder.
+            save_weights: write ``merged/`` (one whole model per task). False keeps the report and
+                coefficients only: for sweeps that score many merges, where k tasks' weights on
+                disk for every run add up to tens of GB.
         """
         self.dirpath = dirpath
         self.overwrite = overwrite
+        self.save_weights = save_weights
 
     def folder(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir).expanduser()
@@ -130,7 +136,7 @@ class MergedModelExport(L.Callback):
         tokenizer = AutoTokenizer.from_pretrained(module.frozen.paths["base"])
         write_outputs(
             folder,
-            module.merged_models(),
+            module.merged_models() if self.save_weights else None,
             module.coefficient_table(),
             report,
             tokenizer=tokenizer,

@@ -70,15 +70,19 @@ def write_merged(folder: Path, models: Iterable[tuple[str, PreTrainedModel]], to
 
 def write_outputs(
     folder: Path,
-    models: Iterable[tuple[str, PreTrainedModel]],
+    models: Iterable[tuple[str, PreTrainedModel]] | None,
     coefficients: dict | None,
     report: dict,
     tokenizer=None,
     overwrite: bool = False,
 ) -> None:
+    """``models`` None: no ``merged/`` (the coefficients and experts rebuild it)."""
     folder.mkdir(parents=True, exist_ok=True)
     check_free(folder, overwrite)
-    write_merged(folder, models, tokenizer)
+    if models is not None:
+        write_merged(folder, models, tokenizer)
+    elif (folder / "merged").exists():  # overwriting: an earlier run's weights would pass for these
+        shutil.rmtree(folder / "merged")
     if coefficients is not None:  # training-free methods have none of their own
         write_json(folder / "coefficients.json", coefficients)
     write_json(folder / "report.json", report)

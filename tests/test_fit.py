@@ -247,3 +247,21 @@ def test_scoring_reads_rows_shortest_first_and_scores_as_in_file_order(tiny):
     report = module.evaluate()
     for t, task in enumerate(module.tasks):
         assert report["tasks"][task]["merged"] == pytest.approx(correct[t] / total[t])
+
+
+def test_without_weights_a_run_writes_report_and_coefficients_only(tiny):
+    out = tiny.root / "run"
+    config = write_config(tiny, out, "task", epochs=1)
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(out / "full")])
+    lean_args = ["--export.save_weights=false", "--export.dirpath", str(out / "lean")]
+    main(["fit", "--config", str(config), *lean_args])
+    assert (run_dir(out / "full") / "merged" / "alpha" / "model.safetensors").is_file()
+    assert not (out / "lean" / "merged").exists()
+    full, lean = run_dir(out / "full"), out / "lean"
+    for name in ("report.json", "coefficients.json"):
+        assert json.loads((lean / name).read_text()) == json.loads((full / name).read_text())
+    # overwriting a run that kept weights leaves none of them beside the new report
+    (lean / "merged").mkdir()
+    main(["fit", "--config", str(config), "--export.save_weights=false", "--export.dirpath", str(lean),
+          "--export.overwrite=true"])  # fmt: skip
+    assert not (lean / "merged").exists() and (lean / "report.json").is_file()

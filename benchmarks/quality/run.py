@@ -100,6 +100,7 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
                 ],
             },
         },
+        "export": {"save_weights": False},  # scores only: every run's merged weights would be ~40 GB
         "trainer": {
             "max_epochs": args.epochs,
             "check_val_every_n_epoch": args.epochs,
