@@ -19,6 +19,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import MergedModelExport
+from .data import MergeDataModule
 from .export import write_json
 from .plots import comparison_bars
 from .static_merges import STATIC_MERGES, build_static_merge
@@ -66,22 +67,24 @@ def run_method(
     cli_args: list[str],
     params: dict[str, Any] | None = None,
     select_scale: list[float] | None = None,
+    datamodule: MergeDataModule | None = None,
 ) -> Path:
-    """Run one method on the config in ``cli_args``; returns the folder holding its outputs."""
+    """Run one method on the config in ``cli_args``; returns the folder holding its outputs.
+    ``datamodule``: one already set up from the same data config, whose rows are reused."""
     check_method(method)
     overrides = learned_overrides(method)
     if overrides is not None:
         if params or select_scale:
             raise ValueError(f"--method_args / --select_scale apply to training-free methods, not {method!r}")
         cli = _cli([*cli_args, *overrides])
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=datamodule or cli.datamodule)
         return _export_callback(cli.trainer).folder(cli.trainer)
     cli = _cli(cli_args)
     model, trainer = cli.model, cli.trainer
     export = _export_callback(trainer)
     model.use_static_merge(build_static_merge(method, **(params or {})))
     export.on_fit_start(trainer, model)  # an earlier run's outputs stop us before any work
-    trainer.validate(model, datamodule=cli.datamodule)
+    trainer.validate(model, datamodule=datamodule or cli.datamodule)
     if select_scale:
         _select_scale(model, method, params or {}, select_scale)
     return export.export(trainer, model)
@@ -152,10 +155,12 @@ def compare_main(argv: list[str]) -> dict:
             f"{str(out)!r} already holds {', '.join(taken)}; pass --overwrite or another --output_dir"
         )
     results, runs, seconds = {}, {}, {}
+    # every method reads the same rows: read and tokenise them once (the first run sets them up)
+    data = _cli([*rest, f"--trainer.default_root_dir={out}"]).datamodule
     for method in methods:
         rank_zero_info(f"compare: running {method}")
         start = time.perf_counter()
-        folder = run_method(method, [*rest, f"--trainer.default_root_dir={out / method}"])
+        folder = run_method(method, [*rest, f"--trainer.default_root_dir={out / method}"], datamodule=data)
         seconds[method] = round(time.perf_counter() - start, 2)
         runs[method] = str(folder)
         results[method] = json.loads((folder / "report.json").read_text())

@@ -180,3 +180,22 @@ def test_select_scale_keeps_the_best_scale_and_f1_is_macro_f1(tmp_path):
         fn = sum(p != k and y == k for p, y in zip(predicted, labels, strict=True))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     assert row["expert"] == pytest.approx(sum(f1s) / 3, abs=1e-6)
+
+
+def test_compare_reads_the_rows_once_and_learns_what_a_lone_run_learns(tiny, monkeypatch):
+    from divmerge_pl import data as data_file
+
+    reads = []
+    real = data_file.read_rows
+    monkeypatch.setattr(data_file, "read_rows", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    config = write_config(tiny, tiny.root / "unused", epochs=1)
+    out = tiny.root / "compare"
+    main(["compare", "--config", str(config), "--methods", "ties,divmerge_layer", "--output_dir", str(out)])
+    assert sorted(reads) == ["alpha", "alpha", "beta", "beta"]  # train and eval files, once each
+
+    lone = tiny.root / "lone"
+    main(["merge", "--config", str(config), "--method", "divmerge_layer",
+          "--trainer.default_root_dir", str(lone)])  # fmt: skip
+    shared, alone = run_dir(out / "divmerge_layer"), run_dir(lone)
+    for name in ("coefficients.json", "report.json"):
+        assert json.loads((shared / name).read_text()) == json.loads((alone / name).read_text())
