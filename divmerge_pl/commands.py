@@ -70,7 +70,8 @@ def run_method(
     datamodule: MergeDataModule | None = None,
 ) -> Path:
     """Run one method on the config in ``cli_args``; returns the folder holding its outputs.
-    ``datamodule``: one already set up from the same data config, whose rows are reused."""
+    ``datamodule``: one built from the same data config and shared between runs, so its rows
+    are read and tokenised once."""
     check_method(method)
     overrides = learned_overrides(method)
     if overrides is not None:

@@ -289,31 +289,24 @@ class MergeDataModule(L.LightningDataModule):
                 sampler.skip_at(loop.epoch_progress.current.completed, done * self.batch_size * replicas)
         return sampler
 
-    def ordered_dataloader(self, rows: Dataset) -> DataLoader:
-        """All of ``rows`` in order: for teacher outputs and evaluation."""
+    def ordered_dataloader(self, rows: Dataset, shortest_first: bool = False) -> DataLoader:
+        """All of ``rows`` in order (teacher outputs, whose order is their row order), or
+        ``shortest_first`` to score them: a score does not depend on the order of its rows, and
+        batches of similar length carry little padding."""
+        order = range(len(rows))
+        if shortest_first:
+            lengths = [len(ids) for ids in rows["input_ids"]]
+            order = sorted(order, key=lengths.__getitem__)
         return DataLoader(
             rows,
             batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
-
-    def scoring_dataloader(self, rows: Dataset) -> DataLoader:
-        """``rows`` shortest first: a score does not depend on the order of its rows, and batches
-        of similar length carry little padding (a short task's rows beside a long task's would be
-        padded to the long one)."""
-        lengths = [len(ids) for ids in rows["input_ids"]]
-        return DataLoader(
-            rows,
-            batch_size=self.eval_batch_size,
-            sampler=sorted(range(len(rows)), key=lengths.__getitem__),
+            sampler=order,
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.eval_rows is None else self.scoring_dataloader(self.eval_rows)
+        return [] if self.eval_rows is None else self.ordered_dataloader(self.eval_rows, shortest_first=True)
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()

@@ -620,7 +620,7 @@ class DivMergeModule(L.LightningModule):
             if dm.eval_rows is not None:
                 scores = self._new_scores(sync_on_compute=False).to(self.device)
                 self._eval_tensors = self.merged_tensors()
-                for batch in dm.scoring_dataloader(dm.eval_rows):
+                for batch in dm.ordered_dataloader(dm.eval_rows, shortest_first=True):
                     batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                     self._score_batch(batch, scores)
                 self._eval_tensors = None

@@ -228,7 +228,7 @@ def test_scoring_reads_rows_shortest_first_and_scores_as_in_file_order(tiny):
     module, trainer = fit_module(tiny, {"alpha": 2, "beta": 3}, max_steps=2, granularity="task")
     data = trainer.datamodule
     data.eval_batch_size = 4  # several batches of the 40 eval rows
-    batches = list(data.scoring_dataloader(data.eval_rows))
+    batches = list(data.ordered_dataloader(data.eval_rows, shortest_first=True))
     lengths = [int(n) for b in batches for n in b["attention_mask"].sum(-1)]
     assert lengths == sorted(lengths)
     assert sorted(torch.cat([b["row_id"] for b in batches]).tolist()) == list(range(len(data.eval_rows)))
