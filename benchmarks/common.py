@@ -13,6 +13,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -109,13 +110,33 @@ class StepTimer(L.Callback):
         self._start = 0.0
 
     def on_train_batch_start(self, *args) -> None:
+        _wait_for_device()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, *args) -> None:
+        _wait_for_device()
         self.times.append(time.perf_counter() - self._start)
 
     def fastest(self) -> float:
         return fastest_step(self.times)
+
+
+def _wait_for_device() -> None:
+    """CUDA kernels run asynchronously: without a wait, a step's time is only its launches."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def gpu_peak() -> Iterator[dict]:
+    """Peak GPU memory allocated inside the block, in MiB (``{}`` without a GPU)."""
+    found: dict = {}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    yield found
+    if torch.cuda.is_available():
+        found["mib"] = torch.cuda.max_memory_allocated() / 2**20
 
 
 def fastest_step(times: list[float], skip: int = 2) -> float:

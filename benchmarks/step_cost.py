@@ -2,9 +2,10 @@
 batch, for N = 2, 4, 8 experts and task / layer granularity; and how many expert forwards
 the teacher cache costs across epochs and runs.
 
-    python benchmarks/step_cost.py [--tasks 2,4,8] [--steps 12] [--length 64]
+    python benchmarks/step_cost.py [--tasks 2,4,8] [--steps 12] [--length 64] [--precision 32-true]
 
 Prints a table and writes benchmarks/results/step_cost.json. Ratios are taken within one run.
+On a GPU (taken when there is one) it also records each fit's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import StepTimer, add_common_args, expert_setups, write_results
+from common import StepTimer, add_common_args, expert_setups, gpu_peak, write_results
 from transformers import AutoModelForSequenceClassification
 
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
@@ -41,11 +42,12 @@ class PlainStep(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-5)
 
 
-def trainer(steps: int, timer: StepTimer) -> L.Trainer:
+def trainer(steps: int, timer: StepTimer, precision: str) -> L.Trainer:
     return L.Trainer(
         max_steps=steps,
         accelerator="auto",
         devices=1,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -84,6 +86,7 @@ VARIANTS = [("task", True), ("layer", True), ("layer", False)]
 def main() -> None:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=12)
     parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--precision", default="32-true", help="the Trainer's, e.g. bf16-mixed")
     args = parser.parse_args()
 
     results = []
@@ -91,7 +94,9 @@ def main() -> None:
         batch = 4 * n
         timer = StepTimer()
         plain = PlainStep(next(iter(setup["experts"].values())))
-        trainer(args.steps, timer).fit(plain, datamodule=datamodule(setup, batch, args.length))
+        data = datamodule(setup, batch, args.length)
+        with gpu_peak() as plain_peak:
+            trainer(args.steps, timer, args.precision).fit(plain, datamodule=data)
         plain_s = timer.fastest()
         for granularity, on_demand in VARIANTS:
             timer = StepTimer()
@@ -99,7 +104,9 @@ def main() -> None:
                 setup["base"], setup["experts"], granularity=granularity, teacher_cache=None,
                 merge_on_demand=on_demand,
             )  # fmt: skip
-            trainer(args.steps, timer).fit(module, datamodule=datamodule(setup, batch, args.length))
+            data = datamodule(setup, batch, args.length)
+            with gpu_peak() as peak:
+                trainer(args.steps, timer, args.precision).fit(module, datamodule=data)
             step_s = timer.fastest()
             results.append(
                 {
@@ -108,6 +115,9 @@ def main() -> None:
                     "merge_on_demand": on_demand,
                     "batch": batch,
                     "length": args.length,
+                    "precision": args.precision,
+                    "plain_peak_gpu_mib": plain_peak.get("mib"),
+                    "divmerge_peak_gpu_mib": peak.get("mib"),
                     "plain_step_s": plain_s,
                     "divmerge_step_s": step_s,
                     "ratio": step_s / plain_s,
@@ -117,6 +127,7 @@ def main() -> None:
             print(
                 f"N={n} {granularity:5s} on demand {on_demand!s:5s} plain {plain_s:.3f}s "
                 f"divmerge {step_s:.3f}s ratio {step_s / plain_s:.2f}"
+                + (f" peak GPU {plain_peak['mib']:.0f} / {peak['mib']:.0f} MiB" if peak else "")
             )
 
     # teacher cache: expert forwards per input, over 2 epochs and a second run
