@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from datasets import Dataset
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -102,6 +103,21 @@ class FrozenExperts(nn.Module):
 
     def num_classes(self, task_index: int) -> int:
         return int(self.configs[self.tasks[task_index]].num_labels)
+
+
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse sharded strategies before any model loads: every merge step reads the whole base
+    and every task vector on each device, and the checkpoint holds Gamma alone (FSDP's state-dict
+    hooks expect the frozen tensors in it and fail at the first checkpoint)."""
+    if isinstance(strategy, SHARDED_STRATEGIES):
+        raise ValueError(
+            f"trainer.strategy {type(strategy).__name__} shards the model, which DivMerge does not "
+            "support: the base and task vectors are held whole by every process and only the merge "
+            "coefficients train. Use ddp (configs/ddp.yaml), or a single device."
+        )
 
 
 def _drop_own_keys(module: nn.Module, state: dict, prefix: str, _meta: Any) -> None:
@@ -209,6 +225,7 @@ class DivMergeModule(L.LightningModule):
         return self.frozen is not None and self.frozen.kind == "causal_lm"
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
         dm = self._datamodule()  # task names checked before any model is loaded
         self.load_experts()
         if self.generative != dm.prompted:

@@ -265,6 +265,23 @@ def test_precisions_and_bf16_task_vectors(tiny, precision):
         assert ((low[name] - high[name]).abs() <= bound).all(), name
 
 
+def test_sharded_strategies_are_refused_before_any_model_loads(tiny, monkeypatch):
+    """FSDP needs a GPU in Lightning, so its trainer is stood in for; on a GPU (H200) the real
+    FSDP fit failed at its first checkpoint, inside FSDP's state-dict hook."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from divmerge_pl import module as module_file
+
+    monkeypatch.setattr(module_file, "load_experts", lambda *a: pytest.fail("models loaded"))
+    module = DivMergeModule(base=str(tiny.base), experts={t: str(p) for t, p in tiny.experts.items()})
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    module.trainer = trainer
+    monkeypatch.setattr(L.Trainer, "strategy", property(lambda self: FSDPStrategy()))
+    with pytest.raises(ValueError, match=r"trainer.strategy FSDPStrategy shards .* Use ddp"):
+        module.setup("fit")
+    module_file.check_strategy(DDPStrategy())  # replicated strategies pass
+
+
 class UserClassifier(L.LightningModule):
     """A user's own fine-tuning module: knows nothing of divmerge-pl."""
 
