@@ -55,3 +55,17 @@ def test_memory_bfloat16_vectors_take_half_the_bytes(tmp_path: Path):
         held = row["base_bytes"] + row["task_vector_bytes"]
         assert row["ratio_to_base_plus_vectors"] == pytest.approx(row["peak_added"] / held)
         assert row["activations_peak_added"] > 0
+
+
+def test_gpu_check_with_the_cpu_standing_in(tmp_path: Path):
+    """The GPU check's own code path: on the CPU every float32 variant must equal the CPU run,
+    and the bf16 ones must differ from it, within their bound."""
+    result = run_script("gpu_check", tmp_path, "--device", "cpu")
+    rows = {row["variant"].removeprefix("cpu "): row for row in result["results"]}
+    assert result["reference_coefficient_spread"] > 0  # the coefficients moved from their start
+    assert rows["fp32"]["max_coef_diff"] == 0.0 and rows["fp32"]["max_merge_error"] < 1e-6
+    assert rows["fp32, whole merged copy"]["max_coef_diff"] <= 1e-6
+    assert rows["ddp, 1 device"]["max_coef_diff"] <= 1e-6
+    for name in ("bf16-mixed", "bfloat16 task vectors"):
+        assert 0 < rows[name]["max_coef_diff"] <= rows[name]["bound"]
+    assert "error" in rows["fsdp, 1 device"]  # refused: Lightning's FSDP needs a GPU, ours refuses it
