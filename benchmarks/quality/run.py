@@ -104,6 +104,7 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
         "trainer": {
             "max_epochs": args.epochs,
             "check_val_every_n_epoch": args.epochs,
+            "num_sanity_val_steps": 0,  # scores of the starting merge: reported nowhere here
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "logger": False,
