@@ -42,7 +42,7 @@ class PlainStep(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-5)
 
 
-def trainer(steps: int, timer: StepTimer, precision: str) -> L.Trainer:
+def trainer(steps: int, timer: StepTimer, precision: str = "32-true") -> L.Trainer:
     return L.Trainer(
         max_steps=steps,
         accelerator="auto",
