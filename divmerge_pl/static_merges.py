@@ -5,8 +5,10 @@ returns the delta per tensor, the merged weights being ``theta0 + delta``. The p
 processing steps (TIES trimming and sign election, DARE dropping) are exposed separately so
 that a learned merge can optimise its coefficients over processed vectors (AdaMerging++).
 
-Trimming is per tensor (as mergekit does), not over the whole flattened model as in the TIES
-paper: it needs no model-sized concatenation, and differs only in where the top-k cut falls.
+TIES trims as its paper and official code do by default (``scope="model"``): each task keeps
+the ``density`` fraction of largest-magnitude entries of its *whole* task vector (one threshold
+per task, from the ``k``-th value of all its merged tensors together; entries equal to it are
+kept, as there). ``scope="tensor"`` trims each tensor on its own (mergekit's convention).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 TaskVectors = dict[str, Tensor]
+TrimScope = Literal["model", "tensor"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -36,6 +39,36 @@ def trim_top_k(stacked: Tensor, density: float) -> Tensor:
     index = flat.abs().topk(keep, dim=1, sorted=False).indices
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True)
     return (flat * mask).reshape(stacked.shape)
+
+
+def model_trim_thresholds(vectors: TaskVectors, density: float) -> Tensor:
+    """Per task, the magnitude an entry needs to survive trimming over the whole task vector:
+    the ``int(d * density)``-th largest of its ``d`` entries (TIES paper, ``topk_values_mask``;
+    its cut, ``kthvalue(d - int(d * density))``, keeps one entry more, immaterial at model
+    size). One task's entries are concatenated at a time: one extra task vector, not all."""
+    _check_density(density)
+    num_tasks = next(iter(vectors.values())).shape[0]
+    thresholds = torch.empty(num_tasks, dtype=torch.float64)
+    for t in range(num_tasks):
+        flat = torch.cat([v[t].reshape(-1).abs().float() for v in vectors.values()])
+        keep = max(1, int(flat.numel() * density))
+        thresholds[t] = float(flat.kthvalue(flat.numel() - keep + 1).values)
+    return thresholds
+
+
+def trim_at(stacked: Tensor, thresholds: Tensor) -> Tensor:
+    """Zero each task's entries whose magnitude is below its threshold."""
+    shape = (-1,) + (1,) * (stacked.dim() - 1)
+    return stacked * (stacked.abs() >= thresholds.to(stacked.device, stacked.dtype).view(shape))
+
+
+def trimmed(vectors: TaskVectors, density: float, scope: TrimScope) -> TaskVectors:
+    """TIES step 1 over every tensor, with one threshold per task (``model``) or per tensor."""
+    _check_scope(scope)
+    if scope == "tensor":
+        return _per_tensor(vectors, lambda _n, s: trim_top_k(s, density))
+    thresholds = model_trim_thresholds(vectors, density)
+    return _per_tensor(vectors, lambda _n, s: trim_at(s, thresholds))
 
 
 def elect_sign(stacked: Tensor) -> Tensor:
@@ -78,14 +111,9 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def ties_task_vectors(vectors: TaskVectors, density: float = 0.2) -> TaskVectors:
+def ties_task_vectors(vectors: TaskVectors, density: float = 0.2, scope: TrimScope = "model") -> TaskVectors:
     """Per-task TIES vectors: trimmed, then entries against the elected sign zeroed (stacked)."""
-
-    def process(_name: str, stacked: Tensor) -> Tensor:
-        trimmed = trim_top_k(stacked, density)
-        return agree_with_sign(trimmed, elect_sign(trimmed))
-
-    return _per_tensor(vectors, process)
+    return _per_tensor(trimmed(vectors, density, scope), lambda _n, s: agree_with_sign(s, elect_sign(s)))
 
 
 def dare_task_vectors(vectors: TaskVectors, drop_rate: float = 0.9, seed: int = 0) -> TaskVectors:
@@ -103,14 +131,13 @@ def task_arithmetic(vectors: TaskVectors, scale: float = 0.3) -> TaskVectors:
     return _per_tensor(vectors, lambda _n, s: scale * s.sum(dim=0))
 
 
-def ties(vectors: TaskVectors, density: float = 0.2, scale: float = 1.0) -> TaskVectors:
+def ties(
+    vectors: TaskVectors, density: float = 0.2, scale: float = 1.0, scope: TrimScope = "model"
+) -> TaskVectors:
     """Trim, elect sign, disjoint mean, scale (Yadav et al. 2023, TIES-Merging; k=20%, lambda=1)."""
-
-    def merge(_name: str, stacked: Tensor) -> Tensor:
-        trimmed = trim_top_k(stacked, density)
-        return scale * disjoint_mean(trimmed, elect_sign(trimmed))
-
-    return _per_tensor(vectors, merge)
+    return _per_tensor(
+        trimmed(vectors, density, scope), lambda _n, s: scale * disjoint_mean(s, elect_sign(s))
+    )
 
 
 def dare(
@@ -120,6 +147,7 @@ def dare(
     scale: float = 0.3,
     density: float = 1.0,
     seed: int = 0,
+    scope: TrimScope = "model",
 ) -> TaskVectors:
     """DARE: drop p=0.9 and rescale each task vector, then task arithmetic or TIES
     (Yu et al. 2024, "Language models are Super Mario")."""
@@ -127,13 +155,18 @@ def dare(
     if then == "task_arithmetic":
         return task_arithmetic(dropped, scale)
     if then == "ties":
-        return ties(dropped, density, scale)
+        return ties(dropped, density, scale, scope)
     raise ValueError(f"dare: then={then!r}; choose task_arithmetic or ties")
 
 
 def _check_density(density: float) -> None:
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1] (fraction of each task vector kept), got {density}")
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("model", "tensor"):
+        raise ValueError(f"ties scope {scope!r}: choose model (the TIES paper's) or tensor (mergekit's)")
 
 
 def _check_drop_rate(drop_rate: float) -> None:
@@ -176,12 +209,14 @@ class Ties(StaticMerge):
     name: ClassVar[str] = "ties"
     density: float = 0.2
     scale: float = 1.0
+    scope: TrimScope = "model"
 
     def __post_init__(self) -> None:
         _check_density(self.density)
+        _check_scope(self.scope)
 
     def merge(self, vectors: TaskVectors) -> TaskVectors:
-        return ties(vectors, self.density, self.scale)
+        return ties(vectors, self.density, self.scale, self.scope)
 
 
 @dataclass(frozen=True)
@@ -192,15 +227,17 @@ class Dare(StaticMerge):
     scale: float = 0.3
     density: float = 1.0
     seed: int = 0
+    scope: TrimScope = "model"
 
     def __post_init__(self) -> None:
         _check_drop_rate(self.drop_rate)
         _check_density(self.density)
+        _check_scope(self.scope)
         if self.then not in ("task_arithmetic", "ties"):
             raise ValueError(f"dare: then={self.then!r}; choose task_arithmetic or ties")
 
     def merge(self, vectors: TaskVectors) -> TaskVectors:
-        return dare(vectors, self.drop_rate, self.then, self.scale, self.density, self.seed)
+        return dare(vectors, self.drop_rate, self.then, self.scale, self.density, self.seed, self.scope)
 
 
 STATIC_MERGES: dict[str, type[StaticMerge]] = {m.name: m for m in (Average, TaskArithmetic, Ties, Dare)}

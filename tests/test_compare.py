@@ -131,34 +131,29 @@ def test_learned_merge_over_ties_vectors_uses_them(tiny):
         0
     ]
     assert isinstance(ties, DivMergeModule)
+    kept_per_task, total = torch.zeros(2), 0
     for name, stacked in ties.frozen.merge_vectors().items():
         original = raw.frozen.task_vectors()[name]
         kept = stacked != 0
-        assert kept.float().mean() <= 0.2 + 1e-6  # at most the top 20% of each task's entries
+        kept_per_task += kept.flatten(1).sum(1)
+        total += stacked[0].numel()
         torch.testing.assert_close(stacked[kept], original[kept])  # kept entries are unchanged
+    # at most the top 20% of each task's whole vector (trimmed over all tensors, as TIES does)
+    assert (kept_per_task <= 0.2 * total + 1).all()
     # teachers are still the real experts
     torch.testing.assert_close(ties.teacher_logprobs, raw.teacher_logprobs)
 
 
-def test_select_scale_keeps_the_best_scale_and_f1_is_macro_f1(tmp_path):
-    tiny = build_setup(tmp_path, {"alpha": 3}, scale=1.0)  # far from the base: scale matters
+def test_f1_is_macro_f1(tmp_path):
+    tiny = build_setup(tmp_path, {"alpha": 3}, scale=1.0)
     reports = {}
-    for name, args in {
-        "0": ["--method_args", '{"scale": 0.0}'],
-        "1": ["--method_args", '{"scale": 1.0}'],
-        "best": ["--select_scale", "0,1"],
-    }.items():
+    for name, args in {"1": ["--method_args", '{"scale": 1.0}']}.items():
         config = write_config(tiny, tmp_path / name)
         config.write_text(
             config.read_text().replace("label_field: label", "label_field: label\n      metric: f1")
         )
         main(["merge", "--config", str(config), "--method", "task_arithmetic", *args])
         reports[name] = json.loads((run_dir(tmp_path / name) / "report.json").read_text())
-    merged = {s: reports[s]["tasks"]["alpha"]["merged"] for s in ("0", "1")}
-    assert merged["0"] != merged["1"]
-    best = max(merged, key=merged.get)
-    assert reports["best"]["params"] == {"scale": float(best)}
-    assert reports["best"]["tasks"]["alpha"]["merged"] == merged[best]
     row = reports["1"]["tasks"]["alpha"]
     assert reports["1"]["metric"] == row["metric"] == "f1"
     assert row["merged"] == pytest.approx(row["expert"])  # scale 1 with one expert: the expert

@@ -13,10 +13,12 @@ from divmerge_pl.static_merges import (
     dare_task_vectors,
     disjoint_mean,
     elect_sign,
+    model_trim_thresholds,
     task_arithmetic,
     ties,
     ties_task_vectors,
     trim_top_k,
+    trimmed,
 )
 
 
@@ -105,6 +107,41 @@ def test_registry_names_bad_methods_and_parameters():
     with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\).*1.0"):
         build_static_merge("dare", drop_rate=1.0)
     with pytest.raises(
-        ValueError, match=r"ties: unknown parameter\(s\) \['lambda'\]; it takes \['density', 'scale'\]"
+        ValueError,
+        match=r"ties: unknown parameter\(s\) \['lambda'\]; it takes \['density', 'scale', 'scope'\]",
     ):
         build_static_merge("ties", **{"lambda": 1.0})
+
+
+def test_ties_trims_over_the_whole_task_vector_by_default_as_published():
+    # task 0: tensor "a" holds its 4 largest entries, "b" its 4 smallest; density 0.5 over all 8
+    # keeps all of "a" and none of "b" (the TIES paper); per tensor keeps half of each (mergekit)
+    vectors = {
+        "a": torch.tensor([[4.0, -3.0, 2.5, 2.0], [1.0, 1.0, 1.0, 1.0]]),
+        "b": torch.tensor([[0.1, -0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]),
+    }
+    whole = trimmed(vectors, 0.5, "model")
+    assert_close(whole["a"][0], vectors["a"][0])
+    assert_close(whole["b"][0], torch.zeros(4))
+    per_tensor = trimmed(vectors, 0.5, "tensor")
+    assert_close(per_tensor["a"][0], torch.tensor([4.0, -3.0, 0.0, 0.0]))
+    assert_close(per_tensor["b"][0], torch.tensor([0.0, 0.0, 0.3, 0.4]))
+    assert (model_trim_thresholds(vectors, 0.5) == torch.tensor([2.0, 1.0], dtype=torch.float64)).all()
+    default = build_static_merge("ties", density=0.5).merge(vectors)
+    expected = ties(vectors, density=0.5, scope="model")
+    assert all(torch.equal(default[n], expected[n]) for n in vectors)
+    assert not torch.equal(default["b"], ties(vectors, density=0.5, scope="tensor")["b"])
+    over_ties = ties_task_vectors(vectors, 0.5)  # AdaMerging++'s TIES vectors trim the same way
+    assert_close(over_ties["b"][0], torch.zeros(4))
+    with pytest.raises(ValueError, match="ties scope 'layer'"):
+        build_static_merge("ties", scope="layer")
+
+
+def test_model_threshold_keeps_the_density_share_of_each_task():
+    vectors = {"a": torch.randn(3, 40, 7), "b": torch.randn(3, 13), "c": torch.randn(3, 5, 5)}
+    for density in (0.05, 0.2, 0.5):
+        kept = trimmed(vectors, density, "model")
+        total = sum(v[0].numel() for v in vectors.values())
+        for t in range(3):
+            count = sum(int((kept[n][t] != 0).sum()) for n in vectors)
+            assert count == max(1, int(total * density))
