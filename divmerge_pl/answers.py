@@ -9,7 +9,8 @@ sit at the same column for every row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,20 @@ def trim_at_eos(answers: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tens
     return answers.masked_fill(~keep, pad_id), lengths
 
 
+@contextmanager
+def plain_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Greedy must mean argmax: ``generate`` fills every option we leave unset from the model
+    folder's ``generation_config.json`` (repetition_penalty, no_repeat_ngram_size,
+    min_new_tokens, suppress_tokens...), which would make the cached answers differ from the
+    argmax of the cached distributions. Hide it for the call."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -40,11 +55,13 @@ def generate_answers(
     eos_id: int,
     pad_id: int,
 ) -> tuple[Tensor, Tensor]:
-    """Greedy answers to left-padded prompts: ``(ids [rows, max_new_tokens], lengths [rows])``."""
+    """Plain greedy answers to left-padded prompts, whatever the model's generation_config says:
+    ``(ids [rows, max_new_tokens], lengths [rows])``."""
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id
     )
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    with plain_generation_config(model):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     answers = F.pad(
         out[:, input_ids.shape[1] :], (0, max_new_tokens - (out.shape[1] - input_ids.shape[1])), value=pad_id
     )

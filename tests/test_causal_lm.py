@@ -298,3 +298,22 @@ def test_training_free_merge_of_one_lm_expert_at_scale_one_is_that_expert(tmp_pa
     report = json.loads((run / "report.json").read_text())
     # the merged model is the expert: it answers exactly as the cached expert answers did
     assert report["tasks"]["alpha"]["merged"] == report["tasks"]["alpha"]["expert"] > 0.5
+
+
+def test_greedy_answers_ignore_the_folders_generation_config(tmp_path):
+    """A base whose generation_config.json sets a repetition penalty, an n-gram ban and a minimum
+    length: the cached answer at every position is still the argmax of the cached distribution."""
+    from transformers import GenerationConfig
+
+    lm = build_lm_setup(tmp_path, "gpt2")
+    for folder in [lm.base, *lm.experts.values()]:
+        GenerationConfig(
+            repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=3, bos_token_id=1, eos_token_id=1
+        ).save_pretrained(folder)
+    module, _ = fit_lm(lm, max_new_tokens=6)
+    assert module.frozen.skeleton.generation_config.repetition_penalty == 5.0  # the folder's, kept
+    for row in range(len(module.answer_len)):
+        n = int(module.answer_len[row])
+        top = module.teacher_logprobs[row, :n].argmax(-1)
+        assert top.tolist() == module.answer_ids[row, :n].tolist()
+    assert (module.answer_len < 3).any(), "min_new_tokens=3 of the folder must not lengthen answers"
