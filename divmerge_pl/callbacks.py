@@ -50,7 +50,7 @@ class CoefficientMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         module = _divmerge(pl_module, self)
-        gamma = module.coefficients.detach()
+        gamma = module.merge_coefficients().detach()
         if self.log_stats:
             for t, task in enumerate(module.tasks):
                 module.log(f"coef/{task}/mean", gamma[t].mean())

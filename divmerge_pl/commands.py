@@ -1,8 +1,10 @@
 """``divmerge-pl merge`` and ``divmerge-pl compare``: every method through the same harness.
 
-Both take the same config as ``fit``. A training-free method is applied to the loaded task
-vectors and scored by ``trainer.validate``; a learned one is a ``fit`` with the objective and
-granularity its name gives. Either way the outputs are written by the same
+Both take the same config as ``fit`` and a method of the registry (methods.py) with its own
+published settings. A training-free method is applied to the loaded task vectors (its scale
+chosen on the labelled validation rows, if the tasks have ``val_files``) and scored by
+``trainer.validate``; a learned one is a ``fit`` with the method's settings. Either way the
+outputs are written by the same
 ``MergedModelExport``, so every method's report comes from the same code.
 """
 
@@ -10,46 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import yaml
+from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import MergedModelExport
 from .data import MergeDataModule
 from .export import write_json
+from .methods import DEFAULT_METHODS, LearnedMethod, get_method
 from .plots import comparison_bars
-from .static_merges import STATIC_MERGES, build_static_merge
-
-_OBJECTIVES = {"divmerge": "js", "divmerge_kl": "kl", "adamerging": "entropy"}
-_LEARNED = re.compile(r"^(divmerge_kl|divmerge|adamerging)(?:_(task|layer|block))?(?:_(ties|dare))?$")
-DEFAULT_METHODS = "average,task_arithmetic,ties,dare,adamerging,divmerge_task,divmerge_layer"
-
-
-def learned_overrides(method: str) -> list[str] | None:
-    """``divmerge[_kl]|adamerging`` + ``_task|_layer|_block`` (default layer) + optional
-    ``_ties|_dare`` (coefficients over processed vectors) -> the model options it sets."""
-    match = _LEARNED.match(method)
-    if match is None:
-        return None
-    family, granularity, transform = match.groups()
-    return [
-        f"--model.init_args.objective={_OBJECTIVES[family]}",
-        f"--model.init_args.granularity={granularity or 'layer'}",
-        f"--model.init_args.task_vector_transform={transform or 'none'}",
-    ]
-
-
-def check_method(method: str) -> None:
-    if method not in STATIC_MERGES and learned_overrides(method) is None:
-        raise ValueError(
-            f"unknown method {method!r}: choose a training-free one ({', '.join(STATIC_MERGES)}) or a "
-            "learned one named divmerge|divmerge_kl|adamerging [_task|_layer|_block] [_ties|_dare], "
-            "e.g. divmerge_layer, adamerging, divmerge_task_ties"
-        )
 
 
 def _cli(args: list[str]):
@@ -62,72 +36,84 @@ def _export_callback(trainer) -> MergedModelExport:
     return next(c for c in trainer.callbacks if isinstance(c, MergedModelExport))
 
 
+def learned_args(method: LearnedMethod) -> list[str]:
+    """The method's settings as options of ``fit``: model options and its number of epochs."""
+
+    def value(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
+    options = [f"--model.init_args.{k}={value(v)}" for k, v in method.model_options().items()]
+    return [*options, f"--trainer.max_epochs={method.epochs}"]
+
+
+def after_configs(cli_args: list[str], options: list[str]) -> list[str]:
+    """``options`` placed after the last ``--config``: the method's settings override the config
+    file's, and the user's own command-line options override the method's."""
+    ends = [i + 2 for i, a in enumerate(cli_args) if a == "--config"]
+    ends += [i + 1 for i, a in enumerate(cli_args) if a.startswith("--config=")]
+    at = max(ends, default=0)
+    return [*cli_args[:at], *options, *cli_args[at:]]
+
+
 def run_method(
     method: str,
     cli_args: list[str],
-    params: dict[str, Any] | None = None,
-    select_scale: list[float] | None = None,
+    overrides: dict[str, Any] | None = None,
     datamodule: MergeDataModule | None = None,
 ) -> Path:
-    """Run one method on the config in ``cli_args``; returns the folder holding its outputs.
-    ``datamodule``: one built from the same data config and shared between runs, so its rows
-    are read and tokenised once."""
-    check_method(method)
-    overrides = learned_overrides(method)
-    if overrides is not None:
-        if params or select_scale:
-            raise ValueError(f"--method_args / --select_scale apply to training-free methods, not {method!r}")
-        cli = _cli([*cli_args, *overrides])
+    """Run one registry method (with ``overrides`` of its settings) on the config in
+    ``cli_args``; returns the folder holding its outputs. ``datamodule``: one built from the same
+    data config and shared between runs, so its rows are read and tokenised once."""
+    chosen = get_method(method, overrides)
+    if isinstance(chosen, LearnedMethod):
+        cli = _cli(after_configs(cli_args, learned_args(chosen)))
         cli.trainer.fit(cli.model, datamodule=datamodule or cli.datamodule)
         return _export_callback(cli.trainer).folder(cli.trainer)
     cli = _cli(cli_args)
     model, trainer = cli.model, cli.trainer
     export = _export_callback(trainer)
-    model.use_static_merge(build_static_merge(method, **(params or {})))
+    model.use_static_merge(chosen.build(), method=chosen)  # chooses its settings on val_files first
     export.on_fit_start(trainer, model)  # an earlier run's outputs stop us before any work
     trainer.validate(model, datamodule=datamodule or cli.datamodule)
-    if select_scale:
-        _select_scale(model, method, params or {}, select_scale)
     return export.export(trainer, model)
 
 
-def _select_scale(model, method: str, params: dict[str, Any], grid: list[float]) -> None:
-    """Pick ``scale`` by the average normalised score on the labelled eval rows."""
-    scores = {}
-    for scale in grid:
-        model.use_static_merge(build_static_merge(method, **{**params, "scale": scale}))
-        scores[scale] = model.evaluate()["average"]["normalized"]
-        rank_zero_info(f"{method}: scale {scale:g} -> average normalised score {scores[scale]:.4f}")
-    best = max(scores, key=lambda s: -math.inf if math.isnan(scores[s]) else scores[s])
-    model.use_static_merge(build_static_merge(method, **{**params, "scale": best}))
-    rank_zero_warn(
-        f"{method}: scale {best:g} chosen on the eval rows the report scores, so its score is "
-        "optimistic; point eval_files at a separate validation split when choosing"
-    )
+def method_args(text: str | None) -> dict[str, Any]:
+    """``--method_args``: YAML or JSON text, or the path of a YAML file."""
+    if text is None:
+        return {}
+    path = Path(text).expanduser()
+    loaded = yaml.safe_load(path.read_text() if path.is_file() else text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--method_args must be a mapping of settings (YAML or JSON), got {text!r}")
+    return loaded
 
 
 def merge_main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(
         prog="divmerge-pl merge",
-        description="Merge with one method and write the outputs of `fit` (merged/, report.json, ...). "
-        "Other options (--config, --trainer.*, --model.*, --data.*) are those of `fit`.",
+        description="Merge with one method of the registry (README: methods) and write the outputs "
+        "of `fit` (merged/, report.json, ...). Other options (--config, --trainer.*, --model.*, "
+        "--data.*) are those of `fit`.",
     )
-    parser.add_argument("--method", required=True, help=f"{', '.join(STATIC_MERGES)} or a learned method")
+    parser.add_argument(
+        "--method", required=True, help="a name of the method registry, e.g. ties, divmerge_layer"
+    )
     parser.add_argument(
         "--method_args",
-        type=json.loads,
         default=None,
-        help="parameters of a training-free method as JSON, e.g. '{\"density\": 0.1}'",
+        help="the method's settings to override, as YAML/JSON or a YAML file, e.g. '{density: 0.1}' "
+        "or '{lr: 0.005}'; a training-free method's parameter given here is not chosen on validation",
     )
-    parser.add_argument(
-        "--select_scale",
-        type=_floats,
-        default=None,
-        help="comma-separated scales to try (task_arithmetic, ties, dare); the best on "
-        "the labelled eval rows is kept",
-    )
+    parser.add_argument("--select_scale", default=None, help=argparse.SUPPRESS)
     ours, rest = parser.parse_known_args(argv)
-    return run_method(ours.method, rest, ours.method_args, ours.select_scale)
+    if ours.select_scale is not None:
+        raise ValueError(
+            "--select_scale is gone: it chose the scale on the rows the report scores. Give each task "
+            "val_files (a labelled validation split): task_arithmetic, ties and dare then choose their "
+            "scale there, from the grid of the method registry (override with --method_args '{grid: ...}')"
+        )
+    return run_method(ours.method, rest, method_args(ours.method_args))
 
 
 def compare_main(argv: list[str]) -> dict:
@@ -145,10 +131,20 @@ def compare_main(argv: list[str]) -> dict:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier comparison in output_dir"
     )
+    parser.add_argument(
+        "--method_args",
+        default=None,
+        help="per method, its settings to override, as YAML/JSON or a YAML file: "
+        "'{adamerging_layer: {lr: 0.005}, ties: {density: 0.1}}'",
+    )
     ours, rest = parser.parse_known_args(argv)
     methods = [m.strip() for m in ours.methods.split(",") if m.strip()]
+    settings = method_args(ours.method_args)
+    unknown = sorted(set(settings) - set(methods))
+    if unknown:
+        raise ValueError(f"--method_args names {unknown}, which are not among --methods {methods}")
     for method in methods:
-        check_method(method)  # all names checked before the first run
+        get_method(method, settings.get(method))  # every name and setting checked before the first run
     out = Path(ours.output_dir).expanduser()
     taken = [n for n in ("comparison.json", "comparison.md", "comparison.png") if (out / n).exists()]
     if taken and not ours.overwrite:
@@ -161,7 +157,12 @@ def compare_main(argv: list[str]) -> dict:
     for method in methods:
         rank_zero_info(f"compare: running {method}")
         start = time.perf_counter()
-        folder = run_method(method, [*rest, f"--trainer.default_root_dir={out / method}"], datamodule=data)
+        folder = run_method(
+            method,
+            [*rest, f"--trainer.default_root_dir={out / method}"],
+            settings.get(method),
+            datamodule=data,
+        )
         seconds[method] = round(time.perf_counter() - start, 2)
         runs[method] = str(folder)
         results[method] = json.loads((folder / "report.json").read_text())
@@ -197,7 +198,3 @@ def comparison_table(results: dict[str, dict]) -> str:
             f"| {method} | " + " | ".join(cells) + f" | **{avg['normalized']:.4f}** ({avg['merged']:.4f}) |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]

@@ -36,6 +36,9 @@ class TaskSpec:
     """Inputs for the merge (csv, json, jsonl or parquet); any label column is ignored."""
     eval_files: str | list[str] | None = None
     """Labelled rows for the report; without them the task gets no score."""
+    val_files: str | list[str] | None = None
+    """Labelled validation rows, apart from ``eval_files``: where training-free methods choose
+    their scale (and TIES its density). Never used by a learned merge, never scored."""
     text_fields: list[str] = field(default_factory=lambda: ["text"])
     """One field, or two for pairs (premise / hypothesis)."""
     label_field: str | None = "label"
@@ -44,6 +47,8 @@ class TaskSpec:
     """Unlabelled inputs used for the merge (the paper uses 200-400 per task)."""
     eval_samples: int | None = None
     """Cap on eval rows (None: all)."""
+    val_samples: int | None = None
+    """Cap on validation rows (None: all)."""
     metric: MetricName = "accuracy"
     """Score of the report: ``accuracy`` or ``f1`` (macro); for causal LMs ``accuracy`` (label
     word), ``exact_match``, ``rouge1`` or ``rougeL`` of the generated answer."""
@@ -171,6 +176,7 @@ class MergeDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_rows: Dataset | None = None
         self.eval_rows: Dataset | None = None
+        self.tuning_rows: Dataset | None = None  # labelled validation rows (val_files)
 
     @property
     def task_names(self) -> list[str]:
@@ -198,7 +204,7 @@ class MergeDataModule(L.LightningDataModule):
             self.tokenizer.truncation_side = "left"
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-        train_parts, eval_parts = [], []
+        train_parts, eval_parts, tuning_parts = [], [], []
         for task_id, task in enumerate(self.tasks):
             rows = drop_empty_texts(
                 read_rows(task.name, task.train_files, task.input_fields), task, "train_files"
@@ -212,16 +218,31 @@ class MergeDataModule(L.LightningDataModule):
                 )
             rows = rows.shuffle(seed=self.seed).select(range(min(task.num_samples, len(rows))))
             train_parts.append(self._encode(rows, task, task_id, with_labels=False))
-            if task.eval_files is not None:
-                if task.label_field is None:
-                    raise ValueError(f"task {task.name!r}: eval_files given but no label_field")
-                columns = [*task.input_fields, task.label_field]
-                rows = drop_empty_texts(read_rows(task.name, task.eval_files, columns), task, "eval_files")
-                if task.eval_samples is not None:
-                    rows = rows.select(range(min(task.eval_samples, len(rows))))
-                eval_parts.append(self._encode(rows, task, task_id, with_labels=True))
+            for source, files, cap, parts in (
+                ("eval_files", task.eval_files, task.eval_samples, eval_parts),
+                ("val_files", task.val_files, task.val_samples, tuning_parts),
+            ):
+                if files is not None:
+                    parts.append(self._labelled_rows(task, task_id, source, files, cap))
+        if tuning_parts and len(tuning_parts) != len(self.tasks):
+            given = [t.name for t in self.tasks if t.val_files is not None]
+            raise ValueError(
+                f"data.tasks: {given} have val_files but "
+                f"{[t.name for t in self.tasks if t.val_files is None]} "
+                "do not; give every task a validation split, or none"
+            )
         self.train_rows = _with_row_ids(concatenate_datasets(train_parts))
         self.eval_rows = _with_row_ids(concatenate_datasets(eval_parts)) if eval_parts else None
+        self.tuning_rows = _with_row_ids(concatenate_datasets(tuning_parts)) if tuning_parts else None
+
+    def _labelled_rows(self, task: TaskSpec, task_id: int, source: str, files, cap: int | None) -> Dataset:
+        if task.label_field is None:
+            raise ValueError(f"task {task.name!r}: {source} given but no label_field")
+        columns = [*task.input_fields, task.label_field]
+        rows = drop_empty_texts(read_rows(task.name, files, columns), task, source)
+        if cap is not None:
+            rows = rows.select(range(min(cap, len(rows))))
+        return self._encode(rows, task, task_id, with_labels=True)
 
     def _encode(self, rows: Dataset, task: TaskSpec, task_id: int, with_labels: bool) -> Dataset:
         def encode(batch: dict[str, list]) -> dict[str, Any]:

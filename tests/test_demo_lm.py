@@ -27,7 +27,8 @@ def demo_lm_config(root: Path, run: Path) -> Path:
     words = {"amazon_reviews": ["bad", "good"], "bbc_news": ["business", "sport"]}  # the stand-ins' classes
     for task in data["tasks"]:
         task.update(num_samples=16, label_words=words[task["name"]], prompt="{text} answer :")
-    data.update(train_size=48, eval_size=20, finetune_lr=0.003, finetune_epochs=4, finetune_max_length=16)
+    data.update(train_size=44, val_size=16, test_size=16, finetune_lr=0.003, finetune_epochs=4)
+    data.update(finetune_max_length=16)
     data.update(max_length=16)
     config["trainer"].update(max_epochs=1, default_root_dir=str(run), enable_progress_bar=False)
     config["trainer"]["check_val_every_n_epoch"] = 1

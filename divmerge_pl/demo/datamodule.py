@@ -16,7 +16,8 @@ class DemoDataModule(MergeDataModule):
     archives and fine-tune one expert per task into ``root`` (once; later runs reuse them).
 
     The config's paths must point into ``root``: ``root/models/base``, ``root/experts/<task>``,
-    ``root/data/<task>/{train,eval}.jsonl`` (see configs/demo.yaml).
+    ``root/data/<task>/{train,val,test}.jsonl`` (see configs/demo.yaml). The experts train on
+    ``train``; the merge's unlabelled inputs come from ``val``, rows no expert trained on.
     """
 
     def __init__(
@@ -24,8 +25,10 @@ class DemoDataModule(MergeDataModule):
         tasks: list[TaskSpec],
         root: str = DEFAULT_ROOT,
         train_size: int = 1000,
-        eval_size: int = 300,
+        val_size: int = 200,
+        test_size: int = 300,
         finetune_epochs: int = 2,
+        finetune_patience: int | None = None,
         finetune_lr: float = 1e-4,
         finetune_max_length: int = 64,
         tokenizer: str | None = None,
@@ -38,19 +41,22 @@ class DemoDataModule(MergeDataModule):
         """
         Args:
             root: cache folder for archives, data, base model and experts.
-            train_size: labelled rows each expert is fine-tuned on (the merge reads its
-                ``num_samples`` inputs from the same file, without labels).
-            eval_size: held-out labelled rows per task, for the report.
-            finetune_epochs: epochs of expert fine-tuning.
+            train_size: labelled rows each expert is fine-tuned on.
+            val_size: held-out rows per task: the merge's unlabelled inputs (``val.jsonl``), and
+                labelled, where baselines choose their scale and experts stop early.
+            test_size: held-out labelled rows per task, scored by the report (``test.jsonl``).
+            finetune_epochs: epochs of expert fine-tuning (the most, with ``finetune_patience``).
+            finetune_patience: stop an expert's fine-tuning once this many epochs bring no gain
+                in validation accuracy, keeping its best epoch (None: run every epoch).
             finetune_lr: AdamW learning rate of expert fine-tuning.
             finetune_max_length: token limit during expert fine-tuning.
         """
         super().__init__(tasks, tokenizer, batch_size, eval_batch_size, max_length, num_workers, seed)
         self.root = Path(root).expanduser()
-        self.train_size = train_size
-        self.eval_size = eval_size
+        self.sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
         self.finetune = {
             "epochs": finetune_epochs,
+            "patience": finetune_patience,
             "lr": finetune_lr,
             "max_length": finetune_max_length,
             "seed": seed,
@@ -59,5 +65,5 @@ class DemoDataModule(MergeDataModule):
     def prepare_data(self) -> None:
         base = prepare_base(self.root)
         for task in self.tasks:
-            folder = prepare_task(self.root, task.name, self.train_size, self.eval_size, self.seed)
+            folder = prepare_task(self.root, task.name, **self.sizes, seed=self.seed)
             finetune_expert(base, folder, self.root / "experts" / task.name, **self.finetune)

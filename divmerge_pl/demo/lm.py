@@ -149,7 +149,7 @@ def finetune_lm_expert(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - start
-    score = answer_accuracy(model, tokenizer, task, _rows(task_dir / "eval.jsonl")[:100], max_length)
+    score = answer_accuracy(model, tokenizer, task, _rows(task_dir / "test.jsonl")[:100], max_length)
     summary = {
         "task": out_dir.name,
         "eval_accuracy_first_100": score,
@@ -169,7 +169,7 @@ class DemoLMDataModule(DemoDataModule):
     def prepare_data(self) -> None:
         base = prepare_lm_base(self.root)
         for task in self.tasks:
-            folder = prepare_task(self.root, task.name, self.train_size, self.eval_size, self.seed)
+            folder = prepare_task(self.root, task.name, **self.sizes, seed=self.seed)
             labels = json.loads((folder / "labels.json").read_text())
             if task.label_words is None or len(task.label_words) != len(labels):
                 raise ValueError(

