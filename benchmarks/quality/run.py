@@ -47,7 +47,7 @@ HERE = Path(__file__).parent
 # candidates in order of preference; the first --num_tasks whose experts pass the entry rule run
 DEFAULT_TASKS = ",".join(
     ["bbc_news", "amazon_reviews", "multiemo", "fever", "hyperbaton", "epistemic_reasoning"]
-    + ["vitaminc", "formal_fallacies", "movie_dialog"]
+    + ["vitaminc", "formal_fallacies", "movie_dialog", "trump_tweets"]
 )
 # two-sided 95% Student t quantiles, by degrees of freedom (normal beyond 30)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}

