@@ -102,7 +102,9 @@ def _run_and_signal(config: Path, sig: int, at_step: int, env: dict[str, str], p
     )
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if progress.is_file() and progress.read_text() and int(progress.read_text()) >= at_step:
+        # read once: the writer truncates the file before writing, so a second read may see ""
+        text = progress.read_text().strip() if progress.is_file() else ""
+        if text and int(text) >= at_step:
             break
         time.sleep(0.05)
     process.send_signal(sig)
