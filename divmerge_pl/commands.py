@@ -36,6 +36,12 @@ def _export_callback(trainer) -> MergedModelExport:
     return next(c for c in trainer.callbacks if isinstance(c, MergedModelExport))
 
 
+def shared_datamodule(cli_args: list[str], root: Path) -> MergeDataModule:
+    """The data of ``cli_args``'s config, for every method of a comparison: its rows are read and
+    tokenised once (the first run sets it up), not once per method."""
+    return _cli([*cli_args, f"--trainer.default_root_dir={root}"]).datamodule
+
+
 def learned_args(method: LearnedMethod) -> list[str]:
     """The method's settings as options of ``fit``: model options and its number of epochs."""
 
@@ -152,8 +158,7 @@ def compare_main(argv: list[str]) -> dict:
             f"{str(out)!r} already holds {', '.join(taken)}; pass --overwrite or another --output_dir"
         )
     results, runs, seconds = {}, {}, {}
-    # every method reads the same rows: read and tokenise them once (the first run sets them up)
-    data = _cli([*rest, f"--trainer.default_root_dir={out}"]).datamodule
+    data = shared_datamodule(rest, out)
     for method in methods:
         rank_zero_info(f"compare: running {method}")
         start = time.perf_counter()

@@ -751,9 +751,8 @@ class DivMergeModule(L.LightningModule):
             t = self.tasks.index(name)
             rows = _rows_of(dm.tuning_rows, dm_id)
             width = self.hparams.max_new_tokens
-            key = self._teacher_key(
-                name, rows, None, "validation", *([f"answers:{width}:{eos}"] * self.generative)
-            )
+            answers = [f"answers:{width}:{eos}"] if self.generative else []
+            key = self._teacher_key(name, rows, None, "validation", *answers)
             outputs = cache.load(key)
             if outputs is None:
                 if self.generative:

@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from divmerge_pl.cli import build_cli
-from divmerge_pl.commands import run_method
+from divmerge_pl.commands import run_method, shared_datamodule
 from divmerge_pl.demo.tasks import prepare_base, prepare_task
 from divmerge_pl.demo.training import finetune_expert
 from divmerge_pl.experts import load_experts
@@ -169,8 +168,8 @@ def compare_subset(
         out = folder / "methods" / method
         shutil.rmtree(out, ignore_errors=True)
         cli_args = ["--config", str(config), *args.extra_options]
-        if data is None:  # every method reads the same rows: read and tokenise them once
-            data = build_cli([*cli_args, f"--trainer.default_root_dir={out}"], run=False).datamodule
+        if data is None:
+            data = shared_datamodule(cli_args, out)
         start = time.perf_counter()
         run = run_method(method, [*cli_args, f"--trainer.default_root_dir={out}"], datamodule=data)
         seconds[method] = round(time.perf_counter() - start, 2)
