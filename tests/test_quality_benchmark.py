@@ -22,11 +22,12 @@ def load_benchmark():
 
 def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypatch):
     bench = load_benchmark()
-    root, out = tmp_path / "cache", tmp_path / "out"
+    root, out, records = tmp_path / "cache", tmp_path / "out", tmp_path / "records"
     fake_archives(root / "archives")
     methods = ["average", "ties", "divmerge_layer"]
     argv = [
         "--quick", "--tasks", "bbc_news,amazon_reviews", "--root", str(root), "--out", str(out),
+        "--records", str(records),
         "--methods", ",".join(methods), "--train_size", "40", "--val_size", "24", "--test_size", "16",
         "--inputs", "16", "--val_samples", "16", "--max_length", "16", "--finetune_epochs", "2",
         "--patience", "1", "--min_margin", "-1", "--sweep", "", "--fit_option=--trainer.max_epochs=1",
@@ -83,6 +84,36 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     calls.clear()
     bench.main(swept)
     assert calls == []
+
+    # the records are all a later session needs: with the scratch runs gone they are still reused,
+    # and a recorded left-out candidate is not fine-tuned again
+    import shutil
+
+    shutil.rmtree(root / "runs")
+    screening = json.loads((records / "screening.json").read_text())
+    assert set(screening) == {"bbc_news", "amazon_reviews"}
+    screening["amazon_reviews"]["summary"]["entered"] = False
+    (records / "screening.json").write_text(json.dumps(screening))
+    trained = []
+    real_finetune = bench.finetune_expert
+    monkeypatch.setattr(
+        bench, "finetune_expert", lambda *a, **k: trained.append(a[1].name) or real_finetune(*a, **k)
+    )
+    with pytest.raises(SystemExit, match="passed the entry rule"):
+        bench.main([*swept, "--tasks", "amazon_reviews,bbc_news"])
+    assert trained == ["bbc_news"]
+    screening["amazon_reviews"]["summary"]["entered"] = True
+    (records / "screening.json").write_text(json.dumps(screening))
+    bench.main(swept)
+    assert calls == []
+    # other expert weights: the record no longer matches, so the method runs again
+    config = root / "runs" / "bbc_news+amazon_reviews" / "merge.yaml"
+    models = {"base": root / "models" / "base", "bbc_news": root / "experts" / "bbc_news"}
+    args = type("Args", (), {"root": str(root)})()
+    key = bench.run_key(args, config, models, "ties")
+    assert key == bench.run_key(args, config, models, "ties") != bench.run_key(args, config, models, "dare")
+    other = {**models, "bbc_news": root / "experts" / "amazon_reviews"}
+    assert key != bench.run_key(args, config, other, "ties")
 
 
 def test_subsets_are_all_pairs_then_a_seeded_sample():

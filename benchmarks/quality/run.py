@@ -23,12 +23,14 @@ where it stopped, and a method added later runs alone on every subset.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,10 +67,19 @@ def prepare_experts(args: argparse.Namespace, tasks: list[str]) -> tuple[Path, d
     order until ``args.num_tasks`` pass the entry rule (test accuracy >= majority + min_margin)."""
     root = Path(args.root).expanduser()
     base = prepare_base(root)
+    screening_file = Path(args.records).expanduser() / "screening.json"
+    screened = json.loads(screening_file.read_text()) if screening_file.is_file() else {}
     experts, summaries = {}, {}
     for task in tasks:
         if len([t for t in summaries if summaries[t]["entered"]]) >= args.num_tasks:
             break
+        recorded = screened.get(task)
+        same = recorded is not None and recorded["training"] == training_settings(args)
+        if same and not recorded["summary"]["entered"]:
+            # a candidate the entry rule left out with these very settings is not trained again
+            summaries[task] = {**recorded["summary"], "screening": "recorded"}
+            print(f"expert {task}: left out by a recorded screening ({screening_file})", flush=True)
+            continue
         folder = prepare_task(root, task, args.train_size, args.val_size, args.test_size, args.seed)
         experts[task] = root / "experts" / task
         summaries[task] = finetune_expert(
@@ -87,8 +98,45 @@ def prepare_experts(args: argparse.Namespace, tasks: list[str]) -> tuple[Path, d
             print(
                 f"  {task} left out: its expert is not {args.min_margin} above its majority class", flush=True
             )
+        s["fingerprint"] = file_digest(experts[task] / "model.safetensors")
+        screened[task] = {"training": training_settings(args), "summary": s}
+        screening_file.parent.mkdir(parents=True, exist_ok=True)
+        screening_file.write_text(json.dumps(screened, indent=2, sort_keys=True) + "\n")
     entered = {t: p for t, p in experts.items() if summaries[t]["entered"]}
     return base, entered, summaries
+
+
+def training_settings(args: argparse.Namespace) -> dict:
+    """What an expert's screening depends on (a record made with other settings is not used)."""
+    names = ["train_size", "val_size", "test_size", "finetune_epochs", "patience", "finetune_lr"]
+    return {n: getattr(args, n) for n in [*names, "max_length", "seed", "min_margin"]}
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:32]
+
+
+def run_key(args, config: Path, models: dict[str, Path], method: str | None) -> str:
+    """What a run's result depends on: its config (root written as <root>, so a record made on
+    another machine or session still matches), the weights of its base and experts, and the
+    method's resolved settings. A record is reused only when its key is this key: experts
+    retrained to other weights, or a registry default changed, run again."""
+    root = str(Path(args.root).expanduser())
+    parts = {
+        "config": config.read_text().replace(root, "<root>"),
+        "weights": {name: file_digest(path / "model.safetensors") for name, path in sorted(models.items())},
+        "method": get_method(method).settings() if method else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def task_subsets(tasks: list[str], k: int, count: int, seed: int) -> list[tuple[str, ...]]:
@@ -151,18 +199,17 @@ def compare_subset(
     args, base: Path, experts: dict[str, Path], subset, methods: list[str], folder: Path
 ) -> dict:
     """Every method on one subset, through the harness of ``divmerge-pl compare`` (rows read and
-    tokenised once). A method's finished run with the very same config is reused, so an
-    interrupted benchmark resumes where it stopped and a method added later runs alone."""
-    config, wanted = folder / "merge.yaml", folder / "wanted.yaml"
-    write_config(args, base, experts, subset, args.inputs, wanted)
-    if not (config.is_file() and config.read_text() == wanted.read_text()):
-        shutil.rmtree(folder / "methods", ignore_errors=True)  # another config: nothing is reusable
-        wanted.replace(config)
+    tokenised once). Each finished run is recorded under ``args.records`` (kept in the
+    repository, so the benchmark resumes across sessions and machines) and reused while its key
+    (config, weights, method settings) is unchanged; a method added later runs alone."""
+    config = write_config(args, base, experts, subset, args.inputs, folder / "merge.yaml")
+    models = {"base": base, **{t: experts[t] for t in subset}}
+    records = Path(args.records).expanduser() / "+".join(subset)
     reports, seconds, data = {}, {}, None
     for method in methods:
-        done = folder / "methods" / method / "done.json"
-        if done.is_file():
-            saved = json.loads(done.read_text())
+        key = run_key(args, config, models, method)
+        record = records / f"{method}.json"
+        if record.is_file() and (saved := json.loads(record.read_text()))["key"] == key:
             reports[method], seconds[method] = saved["report"], saved["seconds"]
             continue
         out = folder / "methods" / method
@@ -174,7 +221,9 @@ def compare_subset(
         run = run_method(method, [*cli_args, f"--trainer.default_root_dir={out}"], datamodule=data)
         seconds[method] = round(time.perf_counter() - start, 2)
         reports[method] = json.loads((run / "report.json").read_text())
-        (out / "done.json").write_text(json.dumps({"report": reports[method], "seconds": seconds[method]}))
+        saved = {"key": key, "commit": git_commit(), "report": reports[method], "seconds": seconds[method]}
+        records.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(saved, indent=1) + "\n")
         print(f"  {method}: ANP {anp(reports[method]):.1f} ({seconds[method]:.0f} s)", flush=True)
     return {"methods": reports, "seconds": seconds}
 
@@ -255,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min_margin", type=float, default=0.1, help="expert accuracy over majority rate")
     parser.add_argument("--root", default="~/.cache/divmerge_pl/quality_v2", help="data, experts, teachers")
     parser.add_argument("--out", default=str(HERE), help="results.json, results.md, anp_vs_k.png")
+    parser.add_argument(
+        "--records", default=str(HERE / "records"), help="finished runs and screenings, reused (commit them)"
+    )
     parser.add_argument("--subsets", type=int, default=3, help="task subsets per k > 2")
     parser.add_argument("--inputs", type=int, default=200, help="unlabelled inputs per task")
     parser.add_argument("--val_samples", type=int, default=200, help="labelled val rows for baselines")
@@ -298,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {
             **{k: v for k, v in vars(args).items() if k != "out"},
             "input_split": "val: each task's held-out validation split, which its expert never trained on",
+            "commit": git_commit(),
             "method_settings": {m: get_method(m).settings() for m in methods},
         },
         "tasks": tasks,
@@ -345,15 +398,17 @@ def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: P
             continue
         folder = work / f"sweep_{inputs}"
         wanted = write_config(args, base, experts, largest, inputs, work / f"sweep_{inputs}.yaml")
-        done = folder / "done.json"
-        if done.is_file() and json.loads(done.read_text())["config"] == wanted.read_text():
-            score = json.loads(done.read_text())["anp"]
+        key = run_key(args, wanted, {"base": base, **{t: experts[t] for t in largest}}, "divmerge_layer")
+        record = Path(args.records).expanduser() / f"sweep_{inputs}.json"
+        if record.is_file() and (saved := json.loads(record.read_text()))["key"] == key:
+            score = saved["anp"]
         else:
             shutil.rmtree(folder, ignore_errors=True)
             options = [*args.extra_options, f"--trainer.default_root_dir={folder}"]
             run = run_method("divmerge_layer", ["--config", str(wanted), *options])
             score = anp(json.loads((run / "report.json").read_text()))
-            done.write_text(json.dumps({"config": wanted.read_text(), "anp": score}))
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"key": key, "commit": git_commit(), "anp": score}) + "\n")
         results["inputs_sweep"]["anp"][str(inputs)] = score
         print(f"divmerge_layer, {inputs} inputs per task, k={len(largest)}: ANP {score:.1f}", flush=True)
 
