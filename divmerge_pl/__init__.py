@@ -5,9 +5,10 @@ from .callbacks import CoefficientMonitor, MergedModelExport, MergeOnFitEnd
 from .coefficients import CoefficientLayout, build_layout, initial_coefficients
 from .data import MergeDataModule, TaskSpec
 from .divergences import OBJECTIVES, entropy, js_divergence, kl_divergence, masked_mean
-from .experts import ExpertMismatchError, load_experts
+from .experts import load_experts
 from .merged import merge_tensors
 from .module import DivMergeModule
+from .preflight import ExpertMismatchError
 
 __all__ = [
     "OBJECTIVES",

@@ -7,16 +7,16 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from pathlib import Path
+from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from .callbacks import CoefficientMonitor, MergedModelExport
 from .data import MergeDataModule
 from .module import DivMergeModule
+from .resume import check_resume, latest_checkpoint
 
 
 class DivMergeCLI(LightningCLI):
@@ -31,46 +31,26 @@ class DivMergeCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_on_exception": True})
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint while parsing (for its hyperparameters): check it first
-        # so a damaged file is named instead of surfacing as a bare zip-reader error.
-        if self.config.get("subcommand"):
-            config = self.config[self.config.subcommand]
-            if config.get("ckpt_path") == "last":
-                # Lightning's "last" looks in this run's own (new, empty) version folder; resuming
-                # means the newest last.ckpt of an earlier run under the same default_root_dir
-                config["ckpt_path"] = latest_checkpoint(config["trainer"].get("default_root_dir"))
-            check_checkpoint(config.get("ckpt_path"))
-        super()._parse_ckpt_path()
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # Public API, before anything is instantiated: `--ckpt_path last` is resolved and the
+        # checkpoint is read safely and checked against the merge's settings here, so resuming
+        # another merge's run fails before any model loads, whatever Lightning then does with it.
+        super().parse_arguments(parser, args)
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = latest_checkpoint(config["trainer"].get("default_root_dir"))
+        check_resume(config.get("ckpt_path"), model_arguments(config.get("model")))
 
 
-def latest_checkpoint(root: str | None) -> str | None:
-    """The newest ``last.ckpt`` under ``root`` (None, and a fresh start, if there is none)."""
-    found = sorted(
-        Path(root or ".").expanduser().glob("lightning_logs/version_*/checkpoints/last.ckpt"),
-        key=lambda p: p.stat().st_mtime,
-    )
-    if not found:
-        rank_zero_info(f"--ckpt_path last: no last.ckpt under {root or '.'!r}; starting a new run")
-        return None
-    rank_zero_info(f"--ckpt_path last: resuming from {found[-1]}")
-    return str(found[-1])
-
-
-def check_checkpoint(path: str | None) -> None:
-    """A truncated or corrupted checkpoint fails here, named, not deep inside a restore."""
-    if path is None or path in ("last", "best", "hpc", "registry") or not os.path.isfile(path):
-        return  # Lightning resolves the keywords and reports a missing file itself
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several kinds for a damaged file
-        raise ValueError(
-            f"checkpoint {path!r} cannot be read ({type(err).__name__}: {err}); it is truncated or "
-            "corrupted: resume from another one (checkpoints/ keeps last.ckpt and the newest epoch) "
-            "or start a new run without --ckpt_path"
-        ) from err
-    if "state_dict" not in state or "coefficients" not in state["state_dict"]:
-        raise ValueError(f"checkpoint {path!r} is not a divmerge-pl checkpoint (it holds no coefficients)")
+def model_arguments(model: Any) -> dict[str, Any]:
+    """The module's arguments from the parsed config (a class_path/init_args namespace)."""
+    if model is None:
+        return {}
+    init = model.get("init_args", model) if hasattr(model, "get") else model
+    return dict(init.as_dict() if hasattr(init, "as_dict") else init)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:
@@ -90,6 +70,18 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:
     )
 
 
+def console() -> None:
+    """The ``divmerge-pl`` command: a bad input ends in one line naming it, not a traceback
+    (``DIVMERGE_TRACEBACK=1`` shows the traceback)."""
+    try:
+        main()
+    except (ValueError, OSError, TypeError) as err:
+        if os.environ.get("DIVMERGE_TRACEBACK"):
+            raise
+        sys.stderr.write(f"divmerge-pl: error: {err}\n(set DIVMERGE_TRACEBACK=1 for the traceback)\n")
+        raise SystemExit(2) from None
+
+
 def main(args: list[str] | None = None) -> None:
     # The model hub is never needed: every model is a local folder.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,4 +97,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console()

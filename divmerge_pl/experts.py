@@ -12,61 +12,25 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     PretrainedConfig,
 )
 from transformers import logging as hf_logging
 
+from .preflight import ExpertMismatchError, TaskKind, check_models, tied_alias_names
+
 log = logging.getLogger(__name__)
 
-TaskKind = Literal["sequence_classification", "causal_lm"]
-
-_KIND_SUFFIX: dict[str, TaskKind] = {
-    "ForSequenceClassification": "sequence_classification",
-    "ForCausalLM": "causal_lm",
-    "LMHeadModel": "causal_lm",  # GPT-2's name for its causal LM class
-}
 KIND_CLASS = {
     "sequence_classification": AutoModelForSequenceClassification,
     "causal_lm": AutoModelForCausalLM,
 }
-
-
-class ExpertMismatchError(ValueError):
-    """The base and the experts cannot be merged (names the expert and the tensor)."""
-
-
-def resolve_model_dir(path: str, role: str) -> Path:
-    """Expand ``~`` and check the folder holds a Hugging Face model, naming ``role`` if not."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{role}: model folder {str(folder)!r} does not exist")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{role}: {str(folder)!r} is not a Hugging Face model folder (no config.json); "
-            "give a folder written by save_pretrained"
-        )
-    return folder
-
-
-def detect_kind(name: str, config: PretrainedConfig) -> TaskKind:
-    """The task kind follows from the expert's ``architectures``, so configs need no extra key."""
-    for arch in config.architectures or []:
-        for suffix, kind in _KIND_SUFFIX.items():
-            if arch.endswith(suffix):
-                return kind
-    raise ExpertMismatchError(
-        f"expert {name!r}: architectures {config.architectures} is not supported; "
-        f"expected a model ending in one of {sorted(_KIND_SUFFIX)}"
-    )
 
 
 def fingerprint(state: dict[str, Tensor]) -> str:
@@ -157,34 +121,28 @@ def _check_dtypes(configs: dict[str, PretrainedConfig]) -> None:
 
 
 def load_experts(
-    base: str, experts: dict[str, str], vector_dtype: torch.dtype = torch.float32
+    base: str,
+    experts: dict[str, str],
+    vector_dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ) -> LoadedExperts:
     """Load ``base`` and ``experts`` and check, before any training, that they can be merged.
 
     Experts are read one tensor at a time (safetensors) straight into task-vector stacks stored
     in ``vector_dtype``: the peak is the base plus the stacks plus one tensor, never a whole
     expert model (a checkpoint in another layout falls back to loading that one expert whole).
+    Pickled weights (``.bin``) are refused unless ``allow_pickle``: loading them can run code.
     """
-    if not experts:
-        raise ValueError("model.experts is empty: give at least one {task_name: expert_folder}")
-    paths = {"base": resolve_model_dir(base, "model.base")}
-    paths.update({t: resolve_model_dir(p, f"expert {t!r}") for t, p in experts.items()})
-    configs = {t: AutoConfig.from_pretrained(paths[t]) for t in experts}
+    checked = check_models(base, experts, allow_pickle)
+    paths, configs, kind = dict(checked.paths), checked.configs, checked.kind
     tasks = tuple(experts)
     first = tasks[0]
-    kind = detect_kind(first, configs[first])
-    for task in tasks[1:]:
-        cfg, ref = configs[task], configs[first]
-        if cfg.model_type != ref.model_type or detect_kind(task, cfg) != kind:
-            raise ExpertMismatchError(
-                f"expert {task!r} is a {cfg.model_type} {cfg.architectures} but expert {first!r} "
-                f"is a {ref.model_type} {ref.architectures}: experts must share one architecture"
-            )
-    _check_dtypes({"base": AutoConfig.from_pretrained(paths["base"]), **configs})
+    _check_dtypes({"base": checked.base_config, **configs})
     cls = KIND_CLASS[kind]
 
     # The base in the experts' architecture: its backbone is theta0, its own head is unused.
-    skeleton, info = _load(cls, paths["base"], "model.base", config=configs[first])
+    safe = {"use_safetensors": None if allow_pickle else True}
+    skeleton, info = _load(cls, paths["base"], "model.base", config=configs[first], **safe)
     heads = head_names(skeleton, kind)
     base_state = {n: p.detach() for n, p in skeleton.named_parameters()}
     missing = sorted(n for n in info["missing_keys"] if n not in heads)
@@ -207,7 +165,7 @@ def load_experts(
         _check_tokenizer(task, paths[task], paths["base"])
         files = safetensors_files(paths[task], on_disk)
         if files is None:
-            read = _load_expert_whole(cls, paths[task], task).__getitem__
+            read = _load_expert_whole(cls, paths[task], task, **safe).__getitem__
         else:
             read = lambda name, files=files: read_safetensor(files[name], name)  # noqa: E731
         digest = hashlib.blake2b(digest_size=16)
@@ -271,22 +229,10 @@ def _check_tokenizer(task: str, folder: Path, base: Path) -> None:
     )
 
 
-def tied_alias_names(model: torch.nn.Module) -> list[str]:
-    """State-dict names that repeat a tied parameter (not stored again by ``save_pretrained``)."""
-    first: dict[int, str] = {}
-    aliases = []
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in first:
-            aliases.append(name)
-        else:
-            first[id(tensor)] = name
-    return aliases
-
-
-def _load_expert_whole(cls, folder: Path, task: str) -> dict[str, Tensor]:
+def _load_expert_whole(cls, folder: Path, task: str, **kwargs) -> dict[str, Tensor]:
     """An expert whose files are not plain safetensors of the architecture's names: loaded by
     ``from_pretrained``, which knows every layout, and checked for missing or extra tensors."""
-    model, info = _load(cls, folder, f"expert {task!r}")
+    model, info = _load(cls, folder, f"expert {task!r}", **kwargs)
     if info["missing_keys"]:
         raise ExpertMismatchError(
             f"expert {task!r}: tensor {sorted(info['missing_keys'])[0]!r} is missing from "

@@ -15,6 +15,7 @@ from datasets import Dataset
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from .answers import answer_logits, answer_targets, expert_generations, generate_answers
 from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
@@ -34,6 +35,8 @@ from .merged import (
 from .methods import StaticMethod, learned_name
 from .metrics import TaskScores, build_report
 from .on_demand import MakeTensor, merged_on_demand
+from .preflight import check_models
+from .resume import merge_settings, saved_settings, settings_differences, settings_error
 from .selection import choose_on_validation
 from .static_merges import StaticMerge, dare_task_vectors, ties_task_vectors
 from .teachers import DEFAULT_CACHE, TeacherCache, cache_key, compute_logprobs, token_fingerprint
@@ -157,6 +160,7 @@ class DivMergeModule(L.LightningModule):
         max_new_tokens: int = 16,
         top_k: int | None = None,
         merge_on_demand: bool = True,
+        allow_pickle: bool = False,
     ) -> None:
         """
         Args:
@@ -192,6 +196,8 @@ class DivMergeModule(L.LightningModule):
                 in backward, instead of a whole merged copy of the model held for the step
                 (less memory, one more merge per step). Checked once against the plain merge:
                 a model that reads a weight outside its own module falls back, with a warning.
+            allow_pickle: also load weights saved as pickles (``pytorch_model.bin``); loading a
+                pickle can run code, so only for folders you trust. Default: safetensors only.
         """
         super().__init__()
         get_objective(objective)
@@ -237,6 +243,12 @@ class DivMergeModule(L.LightningModule):
         """Causal LM experts: answers are generated and the whole model, LM head too, is merged."""
         return self.frozen is not None and self.frozen.kind == "causal_lm"
 
+    @override
+    def prepare_data(self) -> None:
+        # before the datamodule reads and tokenises anything: paths, configs, weight formats and
+        # tensor shapes (safetensors headers) fail in a second, not after the data is ready
+        check_models(self.hparams.base, dict(self.hparams.experts), self.hparams.allow_pickle)
+
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
         dm = self._datamodule()  # task names checked before any model is loaded
@@ -256,7 +268,9 @@ class DivMergeModule(L.LightningModule):
         if self.frozen is not None:
             return
         dtype = getattr(torch, self.hparams.task_vector_dtype)
-        loaded = load_experts(self.hparams.base, dict(self.hparams.experts), dtype)
+        loaded = load_experts(
+            self.hparams.base, dict(self.hparams.experts), dtype, allow_pickle=self.hparams.allow_pickle
+        )
         self.frozen = FrozenExperts(loaded, dtype)
         if self.static_merge is not None:
             self.set_static_merge(self.static_merge)
@@ -815,12 +829,20 @@ class DivMergeModule(L.LightningModule):
         return {**self.frozen.fingerprints, "data": token_fingerprint(rows["input_ids"])}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["divmerge"] = {"fingerprints": self._fingerprints(), "groups": list(self.layout.groups)}
+        checkpoint["divmerge"] = {
+            "fingerprints": self._fingerprints(),
+            "groups": list(self.layout.groups),
+            "settings": merge_settings(self.hparams),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("divmerge")
         if saved is None or self.frozen is None:
             return
+        # the CLI checked this before any model loaded; here for Trainer.fit(ckpt_path=...) in code
+        differences = settings_differences(saved_settings(checkpoint), merge_settings(self.hparams))
+        if differences:
+            raise settings_error("given to fit", differences)
         now = self._fingerprints()
         for role, digest in saved["fingerprints"].items():
             if now.get(role) != digest:

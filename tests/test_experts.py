@@ -160,7 +160,9 @@ def test_an_expert_in_another_file_layout_is_loaded_whole_and_checked(tiny, monk
 
     calls = []
     real = experts_code._load_expert_whole
-    monkeypatch.setattr(experts_code, "_load_expert_whole", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(
+        experts_code, "_load_expert_whole", lambda *a, **k: calls.append(a[2]) or real(*a, **k)
+    )
     weights = load_file(tiny.experts["beta"] / "model.safetensors")
     # an old checkpoint naming: files saved under another prefix still load by from_pretrained
     save_file({f"old.{k}": v for k, v in weights.items()}, tiny.experts["beta"] / "model.safetensors")
