@@ -225,12 +225,18 @@ class MergeOnFitEnd(L.Callback):
         if trainer.interrupted:
             return
         if trainer.is_global_zero:
-            self.merge(self._model(pl_module))
+            self.merge(self._model(pl_module), trainer)
         trainer.strategy.barrier("divmerge-merge-on-fit-end")
 
-    def merge(self, model: PreTrainedModel) -> Path:
-        """Save ``model`` as the expert, then run DivMerge on one device; returns ``output_dir``."""
+    def merge(self, model: PreTrainedModel, trainer: L.Trainer | None = None) -> Path:
+        """Save ``model`` (with the base's tokenizer) as the expert, then run DivMerge on one
+        device, with the progress bar, logging and precision of ``trainer`` (the user's own
+        run, when called from it); returns ``output_dir``."""
         model.save_pretrained(self.expert_dir)
+        try:
+            AutoTokenizer.from_pretrained(Path(self.base).expanduser()).save_pretrained(self.expert_dir)
+        except (OSError, ValueError):  # a base folder without a tokenizer: the expert has none either
+            pass
         module = DivMergeModule(
             base=self.base,
             experts={**self.experts, self.task: str(self.expert_dir)},
@@ -239,17 +245,22 @@ class MergeOnFitEnd(L.Callback):
         )
         if self.data.tokenizer_path is None:
             self.data.tokenizer_path = self.base
-        merger = L.Trainer(
+        show_progress = trainer is None or trainer.progress_bar_callback is not None
+        logs = trainer is None or bool(trainer.loggers)
+        self.merger = L.Trainer(
             max_epochs=self.max_epochs,
             devices=1,
-            logger=CSVLogger(self.output_dir, name="divmerge"),
+            precision=trainer.precision if trainer is not None else "32-true",
+            logger=CSVLogger(self.output_dir, name="divmerge") if logs else False,
             callbacks=[
                 MergedModelExport(dirpath=str(self.output_dir), overwrite=self.overwrite),
                 CoefficientMonitor(),
-                TQDMProgressBar(),  # the user's run may still hold a rich live display: no nesting
+                # the user's run may still hold a rich live display: no nesting
+                *([TQDMProgressBar()] if show_progress else []),
             ],
+            enable_progress_bar=show_progress,
             enable_checkpointing=False,
             enable_model_summary=False,
         )
-        merger.fit(module, datamodule=self.data)
+        self.merger.fit(module, datamodule=self.data)
         return self.output_dir

@@ -298,7 +298,7 @@ class UserClassifier(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_merge_on_fit_end_merges_a_users_own_expert(tiny):
+def test_merge_on_fit_end_merges_a_users_own_expert(tiny, capsys):
     from transformers import AutoTokenizer
 
     from divmerge_pl import MergeDataModule, MergeOnFitEnd, TaskSpec
@@ -324,7 +324,15 @@ def test_merge_on_fit_end_merges_a_users_own_expert(tiny):
         teacher_cache=None,
     )
     user = UserClassifier(str(tiny.base), num_labels=2)
-    L.Trainer(max_steps=3, callbacks=[callback], logger=False, enable_checkpointing=False).fit(user, loader)
+    outer = L.Trainer(
+        max_steps=3, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    outer.fit(user, loader)
+    # the inner merge follows the user's run: no bar, no logger, the same precision
+    assert callback.merger.precision == outer.precision and callback.merger.progress_bar_callback is None
+    assert not callback.merger.loggers and not (tiny.root / "merged_run" / "divmerge").exists()
+    assert "Epoch 0" not in capsys.readouterr().err
+    assert AutoTokenizer.from_pretrained(tiny.root / "my_expert").get_vocab() == tokenizer.get_vocab()
 
     saved = AutoModelForSequenceClassification.from_pretrained(tiny.root / "my_expert")
     assert torch.equal(saved.classifier.weight, user.net.classifier.weight)
