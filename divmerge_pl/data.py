@@ -7,6 +7,8 @@ module, not by the data pipeline).
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import string
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer
+from typing_extensions import override
 
 from .metrics import ANSWER_METRICS, MetricName
 
@@ -118,6 +121,47 @@ def read_rows(task: str, files: str | list[str], columns: list[str]) -> Dataset:
     return rows
 
 
+def peek_columns(path: Path) -> list[str] | None:
+    """The columns of a data file from its first row or header, without reading the rest
+    (None where that is not cheap: a JSON array, say)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        with path.open(encoding="utf-8", newline="") as handle:
+            if suffix == ".csv":
+                return next(csv.reader(handle), None)
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    return list(row) if isinstance(row, dict) else None
+    except (ValueError, OSError, UnicodeDecodeError):
+        return None  # read_rows reports a malformed file properly
+    return None
+
+
+def check_files(task: str, files: str | list[str], columns: list[str], source: str) -> None:
+    """Existence, format and fields of one task's files, from their first row: a mistake in
+    the last task's files fails before the first task's are tokenised."""
+    paths = [Path(f).expanduser() for f in _as_list(files)]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"task {task!r}: data file {str(path)!r} ({source}) does not exist")
+        if path.suffix.lower() not in _BUILDERS:
+            raise ValueError(
+                f"task {task!r}: data file {str(path)!r} ({source}) must be one of {', '.join(_BUILDERS)}"
+            )
+        found = peek_columns(path)
+        missing = [c for c in columns if found is not None and c not in found]
+        if missing:
+            raise ValueError(
+                f"task {task!r}: field {missing[0]!r} not found in {str(path)!r} ({source}); "
+                f"columns there: {found}"
+            )
+
+
 class MergeDataModule(L.LightningDataModule):
     """Serves batches that mix tasks at random (about ``batch_size / num_tasks`` rows each)."""
 
@@ -190,6 +234,20 @@ class MergeDataModule(L.LightningDataModule):
     @property
     def metrics(self) -> dict[str, MetricName]:
         return {t.name: t.metric for t in self.tasks}
+
+    @override
+    def prepare_data(self) -> None:
+        self.check_sources()
+
+    def check_sources(self) -> None:
+        """Every task's files and fields, checked cheaply before any of them is read in full."""
+        for task in self.tasks:
+            check_files(task.name, task.train_files, task.input_fields, "train_files")
+            for source, files in (("eval_files", task.eval_files), ("val_files", task.val_files)):
+                if files is not None:
+                    if task.label_field is None:
+                        raise ValueError(f"task {task.name!r}: {source} given but no label_field")
+                    check_files(task.name, files, [*task.input_fields, task.label_field], source)
 
     def setup(self, stage: str) -> None:
         if self.train_rows is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import BertForMaskedLM
 
@@ -166,3 +167,31 @@ def test_the_command_prints_one_line_not_a_traceback(tiny, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "divmerge-pl: error: expert 'beta': model folder '/nowhere/beta' does not exist" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            {"eval_files": "nowhere.jsonl"},
+            r"task 'beta': data file .*nowhere\.jsonl.* \(eval_files\) does not exist",
+        ),
+        (
+            {"text_fields": ["sentence"]},
+            r"task 'beta': field 'sentence' not found .*columns there: \['text', 'label'\]",
+        ),
+        ({"label_field": "gold"}, r"task 'beta': field 'gold' not found .* \(eval_files\)"),
+        ({"train_files": "rows.xlsx"}, r"task 'beta': data file .*rows\.xlsx.* must be one of"),
+    ],
+    ids=["missing-eval-file", "missing-field", "missing-label", "unknown-format"],
+)
+def test_the_last_tasks_files_are_checked_before_any_task_is_read(tiny, no_data_read, edit, message):
+    (tiny.root / "rows.xlsx").write_bytes(b"PK")
+    config = write_config(tiny, tiny.root / "run", epochs=1)
+    data = yaml.safe_load(config.read_text())
+    beta = data["data"]["init_args"]["tasks"][1]
+    beta.update({k: str(tiny.root / v) if k.endswith("files") else v for k, v in edit.items()})
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        main(["fit", "--config", str(config)])
+    assert files_under(tiny.root / "run") == {config}

@@ -67,3 +67,4 @@ class DemoDataModule(MergeDataModule):
         for task in self.tasks:
             folder = prepare_task(self.root, task.name, **self.sizes, seed=self.seed)
             finetune_expert(base, folder, self.root / "experts" / task.name, **self.finetune)
+        self.check_sources()  # the files just built: checked like any task's

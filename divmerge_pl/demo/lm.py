@@ -186,3 +186,4 @@ class DemoLMDataModule(DemoDataModule):
                 max_length=self.finetune["max_length"],
                 seed=self.finetune["seed"],
             )
+        self.check_sources()  # the files just built: checked like any task's
