@@ -8,16 +8,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .coefficients import Granularity
 from .data import MergeDataModule
-from .export import check_free, print_report, write_outputs
+from .export import (
+    ExportDtype,
+    check_free,
+    check_repo_ids,
+    export_dtype,
+    hub_repo_ids,
+    print_report,
+    push_folders,
+    write_outputs,
+)
+from .model_card import MergeFacts, model_card
 from .module import DivMergeModule
 from .plots import coefficient_heatmap, divergence_curves
 from .teachers import DEFAULT_CACHE
@@ -92,11 +104,19 @@ def print_coefficients(coefficients: dict, console: Console | None = None) -> No
 
 
 class MergedModelExport(L.Callback):
-    """At the end of ``fit``: write ``merged/``, ``coefficients.json`` and ``report.json`` into
-    the run's log directory (or ``dirpath``) and print the report table."""
+    """At the end of ``fit``: write ``merged/`` (each folder with its model card),
+    ``coefficients.json`` and ``report.json`` into the run's folder (or ``dirpath``), print the
+    report table, and publish the merged folders to the Hub if asked."""
 
     def __init__(
-        self, dirpath: str | None = None, overwrite: bool = False, save_weights: bool = True
+        self,
+        dirpath: str | None = None,
+        overwrite: bool = False,
+        save_weights: bool = True,
+        dtype: ExportDtype | None = None,
+        max_shard_size: str | int | None = None,
+        push_to_hub: str | None = None,
+        hub_private: bool = True,
     ) -> None:
         """
         Args:
@@ -105,18 +125,42 @@ class MergedModelExport(L.Callback):
             save_weights: write ``merged/`` (one whole model per task). False keeps the report and
                 coefficients only: for sweeps that score many merges, where k tasks' weights on
                 disk for every run add up to tens of GB.
+            dtype: the weights' dtype in ``merged/``; None: the experts' own (float32 if they differ).
+            max_shard_size: split each model's weights into shards of at most this size (``"2GB"``,
+                or bytes), with an index, as ``save_pretrained`` does.
+            push_to_hub: a Hub repo id (``"you/merged"``), or a pattern with ``{task}``
+                (``"you/merged-{task}"``) for one repository per task head; each merged folder is
+                uploaded with its model card (your Hugging Face token, e.g. ``HF_TOKEN``).
+            hub_private: create missing repositories as private.
         """
         self.dirpath = dirpath
         self.overwrite = overwrite
         self.save_weights = save_weights
+        self.dtype = dtype
+        self.max_shard_size = max_shard_size
+        self.push_to_hub = push_to_hub
+        self.hub_private = hub_private
+        if push_to_hub is not None and not save_weights:
+            raise ValueError(
+                "export.push_to_hub needs export.save_weights: true (there is nothing to upload)"
+            )
 
     def folder(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir).expanduser()
+
+    def repo_ids(self, module: DivMergeModule) -> dict[str, str]:
+        """Folder name inside ``merged/`` -> its Hub repository (empty without push_to_hub)."""
+        if self.push_to_hub is None:
+            return {}
+        repo_ids = hub_repo_ids(self.push_to_hub, module.tasks, one_model=module.generative)
+        check_repo_ids(repo_ids)
+        return repo_ids
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self.folder(trainer)  # on every rank: trainer.log_dir broadcasts
         if trainer.is_global_zero:
             check_free(folder, self.overwrite)  # fail now, not after the run
+            self.repo_ids(_divmerge(pl_module, self))  # a bad repo id too
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = _divmerge(pl_module, self)
@@ -126,23 +170,59 @@ class MergedModelExport(L.Callback):
 
     def export(self, trainer: L.Trainer, module: DivMergeModule) -> Path:
         """Write every output of ``module``'s current merge (rank 0); also used by ``divmerge-pl merge``."""
-        folder = self.folder(trainer)  # on every rank: trainer.log_dir broadcasts
-        self._write(folder, module)
+        folder = self.folder(trainer)  # on every rank: it broadcasts
+        self._write(folder, module, run_recipe(trainer, module))
         return folder
 
     @rank_zero_only
-    def _write(self, folder: Path, module: DivMergeModule) -> None:
+    def _write(self, folder: Path, module: DivMergeModule, recipe: str) -> None:
         report = module.evaluate()
-        tokenizer = AutoTokenizer.from_pretrained(module.frozen.paths["base"])
-        write_outputs(
+        frozen = module.frozen
+        tokenizer = AutoTokenizer.from_pretrained(frozen.paths["base"])
+        facts = MergeFacts(
+            base=str(frozen.paths["base"]),
+            experts={t: str(frozen.paths[t]) for t in module.tasks},
+            report=report,
+            recipe=recipe,
+            model_class="AutoModelForCausalLM" if module.generative else "AutoModelForSequenceClassification",
+            dtype=export_dtype(self.dtype, frozen.configs, frozen.paths),
+            generative=module.generative,
+        )
+        repo_ids = self.repo_ids(module)
+
+        def card(task: str):
+            location = repo_ids.get(task) or str(Path("merged") / task)
+            return model_card(facts, task or None, location)
+
+        written = write_outputs(
             folder,
             module.merged_models() if self.save_weights else None,
             module.coefficient_table(),
             report,
             tokenizer=tokenizer,
             overwrite=self.overwrite,
+            dtype=facts.dtype,
+            max_shard_size=self.max_shard_size,
+            card=card,
         )
         print_report(report, title=f"{report['method']} -> {folder}")
+        if repo_ids:
+            for task, url in push_folders(written, repo_ids, self.hub_private).items():
+                rank_zero_info(f"merged/{task}: published to {repo_ids[task]} ({url})")
+
+
+def run_recipe(trainer: L.Trainer, module: DivMergeModule) -> str:
+    """The YAML that makes this run again: LightningCLI's resolved config when the run has one
+    (what its config.yaml holds), else the module's settings alone."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            return callback.parser.dump(callback.config, skip_none=False)
+    cls = type(module)
+    model = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(module.hparams)}
+    return (
+        yaml.safe_dump({"model": model, "trainer": {"max_epochs": trainer.max_epochs}}, sort_keys=False)
+        + "# data: not recorded (this run was not made by LightningCLI)\n"
+    )
 
 
 class MergeOnFitEnd(L.Callback):
