@@ -11,7 +11,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +31,8 @@ from .export import (
 )
 from .model_card import MergeFacts, model_card
 from .module import DivMergeModule
-from .plots import coefficient_heatmap, divergence_curves
+from .plots import close_figure, coefficient_figure, divergence_figure, save_figure
+from .run_outputs import log_figure, shared_run_folder
 from .teachers import DEFAULT_CACHE
 
 
@@ -44,7 +45,11 @@ def _divmerge(pl_module: L.LightningModule, callback: L.Callback) -> DivMergeMod
 class CoefficientMonitor(L.Callback):
     """Watch the optimisation: log each task's coefficient mean/min/max every step, and at the
     end print a table of them and write ``coefficients.png`` (tasks x groups heatmap) and
-    ``divergence.png`` (each task's objective against the step) into the run's log directory."""
+    ``divergence.png`` (each task's objective against the step) into the run's folder; the
+    figures also go to every logger that takes images (TensorBoard, W&B, MLflow).
+
+    A run with fewer steps than the Trainer's ``log_every_n_steps`` (50 unless set) would log
+    no step at all: such a run logs every step instead."""
 
     def __init__(self, log_stats: bool = True, table: bool = True, plots: bool = True) -> None:
         """
@@ -57,6 +62,15 @@ class CoefficientMonitor(L.Callback):
         self.table = table
         self.plots = plots
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps = trainer.estimated_stepping_batches
+        if trainer.loggers and 0 < steps < trainer.log_every_n_steps:
+            rank_zero_info(
+                f"CoefficientMonitor: the run has {int(steps)} step(s), fewer than "
+                f"log_every_n_steps={trainer.log_every_n_steps}: logging every step"
+            )
+            trainer.log_every_n_steps = 1
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -76,20 +90,25 @@ class CoefficientMonitor(L.Callback):
                 self.history[task].append((trainer.global_step, float(value)))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: it broadcasts
-        self._report(folder, _divmerge(pl_module, self))
+        folder = shared_run_folder(trainer)  # on every rank: it broadcasts
+        self._report(folder, _divmerge(pl_module, self), trainer.loggers, trainer.global_step)
 
     @rank_zero_only
-    def _report(self, folder: Path, module: DivMergeModule) -> None:
+    def _report(self, folder: Path, module: DivMergeModule, loggers: list[Logger], step: int) -> None:
         coefficients = module.coefficient_table()
         if coefficients is None:
             return
         if self.table:
             print_coefficients(coefficients)
-        if self.plots:
-            coefficient_heatmap(coefficients, folder / "coefficients.png")
-            if self.history:
-                divergence_curves(self.history, module.hparams.objective, folder / "divergence.png")
+        if not self.plots:
+            return
+        figures = {"coefficients": coefficient_figure(coefficients)}
+        if self.history:
+            figures["divergence"] = divergence_figure(self.history, module.hparams.objective)
+        for name, figure in figures.items():
+            png = save_figure(figure, folder / f"{name}.png")
+            log_figure(loggers, name, figure, png, step)
+            close_figure(figure)
 
 
 def print_coefficients(coefficients: dict, console: Console | None = None) -> None:
@@ -120,7 +139,8 @@ class MergedModelExport(L.Callback):
     ) -> None:
         """
         Args:
-            dirpath: where to write; None means the trainer's ``log_dir``.
+            dirpath: where to write; None means the run's own folder (the first logger's
+                versioned folder, where ``checkpoints/`` goes, or ``default_root_dir``).
             overwrite: replace the outputs of an earlier run in the same folder.
             save_weights: write ``merged/`` (one whole model per task). False keeps the report and
                 coefficients only: for sweeps that score many merges, where k tasks' weights on
@@ -146,7 +166,10 @@ class MergedModelExport(L.Callback):
             )
 
     def folder(self, trainer: L.Trainer) -> Path:
-        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir).expanduser()
+        """Call on every rank (the run's folder is broadcast from rank 0)."""
+        if self.dirpath is not None:
+            return Path(self.dirpath).expanduser()
+        return shared_run_folder(trainer)
 
     def repo_ids(self, module: DivMergeModule) -> dict[str, str]:
         """Folder name inside ``merged/`` -> its Hub repository (empty without push_to_hub)."""
@@ -157,7 +180,7 @@ class MergedModelExport(L.Callback):
         return repo_ids
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        folder = self.folder(trainer)  # on every rank: trainer.log_dir broadcasts
+        folder = self.folder(trainer)  # on every rank: it broadcasts
         if trainer.is_global_zero:
             check_free(folder, self.overwrite)  # fail now, not after the run
             self.repo_ids(_divmerge(pl_module, self))  # a bad repo id too
