@@ -131,8 +131,7 @@ def test_figures_reach_the_logger_and_outputs_its_run_folder(tiny_setup, tmp_pat
 
 def test_a_short_run_with_the_csv_logger_records_its_step_rows(tiny_setup, tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = fit(tiny_setup, tmp_path, logger, max_epochs=2)  # 8 steps, log_every_n_steps=50
-    assert trainer.log_every_n_steps == 1
+    fit(tiny_setup, tmp_path, logger, max_epochs=2)  # 8 steps, log_every_n_steps=50
     with open(Path(logger.log_dir) / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     stepped = sorted(int(r["step"]) for r in rows if r.get("train/loss_step") or r.get("train/loss"))
