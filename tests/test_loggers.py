@@ -9,14 +9,17 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, WandbLogger
 from matplotlib.figure import Figure
 
 from divmerge_pl import CoefficientMonitor, DivMergeModule, MergeDataModule, MergedModelExport, TaskSpec
 from divmerge_pl.plots import close_figure, coefficient_figure, short_group_names
-from divmerge_pl.run_outputs import log_figure
+from divmerge_pl.run_outputs import RunFolderConfig, log_figure
 
 from .conftest import build_setup
+from .test_fit import write_config
 
 TASKS = ["alpha", "beta"]
 
@@ -214,3 +217,44 @@ def test_heatmap_names_its_groups_readably_at_300_groups():
     )  # fmt: skip
     assert [t.get_text() for t in few.axes[0].get_xticklabels()] == short_group_names(groups[:24])
     close_figure(few)
+
+
+def cli_with_logger(tiny, root: Path, version: str, save_config_callback) -> LightningCLI:
+    config_path = write_config(tiny, root)
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"]["logger"] = {
+        "class_path": "tests.test_loggers.FigureLogger",
+        "init_args": {"save_dir": str(root / "logs"), "version": version},
+    }
+    config_path.write_text(yaml.safe_dump(config))
+    return LightningCLI(
+        DivMergeModule,
+        MergeDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_callback=save_config_callback,
+        run=False,
+        args=["--config", str(config_path), f"--data.init_args.tokenizer={tiny.base}"],
+    )
+
+
+def save_config(cli: LightningCLI) -> None:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback)]
+    callback.setup(cli.trainer, cli.model, "fit")
+
+
+def test_run_folder_config_gives_each_run_its_own_config_yaml(tiny_setup, tmp_path):
+    logs = tmp_path / "logs"
+    save_config(cli_with_logger(tiny_setup, tmp_path, "run-a", RunFolderConfig))
+    save_config(cli_with_logger(tiny_setup, tmp_path, "run-b", RunFolderConfig))
+    for version in ("run-a", "run-b"):
+        saved = yaml.safe_load((logs / "figures" / version / "config.yaml").read_text())
+        assert saved["trainer"]["logger"]["init_args"]["version"] == version
+    assert not (logs / "config.yaml").exists()
+    with pytest.raises(RuntimeError, match=r"run-a/config.yaml' holds the config of an earlier run"):
+        save_config(cli_with_logger(tiny_setup, tmp_path, "run-a", RunFolderConfig))
+    # Lightning's own callback writes to trainer.log_dir, the logger's root: the second run stops
+    save_config(cli_with_logger(tiny_setup, tmp_path / "plain", "run-a", SaveConfigCallback))
+    with pytest.raises(RuntimeError, match="expected .*logs/config.yaml to NOT exist"):
+        save_config(cli_with_logger(tiny_setup, tmp_path / "plain", "run-b", SaveConfigCallback))
