@@ -21,6 +21,7 @@ from .coefficients import Granularity
 from .data import MergeDataModule
 from .export import (
     ExportDtype,
+    check_can_push,
     check_free,
     check_repo_ids,
     export_dtype,
@@ -177,6 +178,7 @@ class MergedModelExport(L.Callback):
             return {}
         repo_ids = hub_repo_ids(self.push_to_hub, module.tasks, one_model=module.generative)
         check_repo_ids(repo_ids)
+        check_can_push()
         return repo_ids
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -355,6 +357,7 @@ class MergeOnFitEnd(L.Callback):
             devices=1,
             precision=trainer.precision if trainer is not None else "32-true",
             logger=CSVLogger(self.output_dir, name="divmerge") if logs else False,
+            default_root_dir=self.output_dir,  # without a logger the figures land here, not in the cwd
             callbacks=[
                 MergedModelExport(dirpath=str(self.output_dir), overwrite=self.overwrite),
                 CoefficientMonitor(),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from rich.console import Console
 from rich.table import Table
@@ -159,6 +159,19 @@ def check_repo_ids(repo_ids: Mapping[str, str]) -> None:
             raise ValueError(
                 f"export.push_to_hub: {repo_id!r} (task {task!r}) is not a Hub repo id: {err}"
             ) from None
+
+
+def check_can_push() -> None:
+    """Fail before the run, not after it, when the upload could not happen."""
+    if constants.is_offline_mode():
+        raise ValueError(
+            "export.push_to_hub: the Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
+            "unset it for this run, or upload the merged folders later with `hf upload`"
+        )
+    if get_token() is None:
+        raise ValueError(
+            "export.push_to_hub: no Hugging Face token; set HF_TOKEN or run `hf auth login` before the run"
+        )
 
 
 def push_folders(folders: Mapping[str, Path], repo_ids: Mapping[str, str], private: bool) -> dict[str, str]:

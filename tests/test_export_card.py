@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
 
@@ -162,6 +163,7 @@ def test_push_to_hub_uploads_each_folder_with_its_card(exported, tmp_path, monke
         uploaded.append((repo_id, folder, files, (folder / "README.md").read_text()))
         return f"https://huggingface.co/{repo_id}/commit/0"
 
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     export = MergedModelExport(dirpath=str(tmp_path / "pushed"), push_to_hub="someone/tiny-merge-{task}")
@@ -176,13 +178,27 @@ def test_push_to_hub_uploads_each_folder_with_its_card(exported, tmp_path, monke
         assert f'from_pretrained("{repo_id}")' in card and f"**{task}** (this model)" in card
 
 
-def test_push_to_hub_pattern_is_checked_before_the_run():
+def test_push_to_hub_settings_are_checked_before_the_run(exported, tmp_path, monkeypatch):
     assert hub_repo_ids("me/m-{task}", ["a", "b"]) == {"a": "me/m-a", "b": "me/m-b"}
     assert hub_repo_ids("me/lm-{task}", ["a", "b"], one_model=True) == {"": "me/lm-a-b"}
     with pytest.raises(ValueError, match=r"put \{task\} in it"):
         hub_repo_ids("me/merged", ["a", "b"])
     with pytest.raises(ValueError, match="needs export.save_weights"):
         MergedModelExport(push_to_hub="me/m-{task}", save_weights=False)
+    module, trainer, _ = exported
+    export = MergedModelExport(dirpath=str(tmp_path / "never"), push_to_hub="me/m-{task}")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    with pytest.raises(ValueError, match="no Hugging Face token; set HF_TOKEN"):
+        export.on_fit_start(trainer, module)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="the Hub is switched off"):
+        export.on_fit_start(trainer, module)
+    with pytest.raises(ValueError, match="'me/m-alpha b' .task 'alpha'. is not a Hub repo id"):
+        MergedModelExport(dirpath=str(tmp_path / "never"), push_to_hub="me/m-{task} b").on_fit_start(
+            trainer, module
+        )
 
 
 def test_default_dtype_is_the_experts_own(tmp_path):
@@ -201,3 +217,50 @@ def test_default_dtype_is_the_experts_own(tmp_path):
     BertForSequenceClassification(tiny_config()).save_pretrained(folders["c"])
     configs["c"] = AutoConfig.from_pretrained(folders["c"])
     assert export_dtype(None, configs, folders) == "float32"  # experts differ: float32
+
+
+def test_one_causal_lm_folder_gets_its_card_and_one_repo(tmp_path, monkeypatch, umask_022):
+    """A causal LM merge is ``merged/`` itself: the card lies there, and is what is pushed."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    from divmerge_pl.export import push_folders, write_outputs
+    from divmerge_pl.model_card import MergeFacts, model_card
+
+    from .lm_setup import lm_config, save_lm_tokenizer
+
+    tokenizer = save_lm_tokenizer(tmp_path / "tok")
+    model = GPT2LMHeadModel(lm_config("gpt2", len(tokenizer)))
+    report = {
+        "metric": "accuracy",
+        "method": "ties",
+        "tasks": {t: {"expert": 0.8, "merged": 0.6, "normalized": 0.75, "metric": "accuracy"} for t in TASKS},
+        "average": {"expert": 0.8, "merged": 0.6, "normalized": 0.75},
+        "settings": {"kind": "static", "params": {"density": 0.1, "scale": 1.8}},
+        "params": {"density": 0.1, "scale": 1.8},
+    }
+    facts = MergeFacts("base_lm", {t: f"{t}_lm" for t in TASKS}, report, "model: {}\n",
+                       "AutoModelForCausalLM", "bfloat16", generative=True)  # fmt: skip
+    repo_ids = hub_repo_ids("me/lm-{task}", TASKS, one_model=True)
+    written = write_outputs(
+        tmp_path / "run", [("", model)], None, report, tokenizer, dtype="bfloat16",
+        card=lambda task: model_card(facts, task or None, repo_ids[task]),
+    )  # fmt: skip
+    assert written == {"": tmp_path / "run" / "merged" / ""}
+    card = ModelCard.load(tmp_path / "run" / "merged" / "README.md")
+    assert card.data.pipeline_tag == "text-generation"
+    assert "one merged causal language model serving every task" in card.text
+    assert "(this model)" not in card.text and "| alpha | accuracy | 0.8000 | 0.6000 | 0.7500 |" in card.text
+    assert "divmerge-pl merge --config recipe.yaml --method ties" in card.text
+    assert """--method_args '{"density": 0.1, "scale": 1.8}'""" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("me/lm-alpha-beta")' in card.text
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+    assert loaded.dtype == torch.bfloat16
+    assert mode(tmp_path / "run" / "merged" / "model.safetensors") == 0o644
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.append(kw) or "url")
+    assert push_folders(written, repo_ids, private=True) == {"": "url"}
+    assert [(u["repo_id"], Path(u["folder_path"])) for u in uploads] == [
+        ("me/lm-alpha-beta", tmp_path / "run" / "merged")
+    ]
