@@ -33,7 +33,7 @@ from .export import (
 from .model_card import MergeFacts, model_card
 from .module import DivMergeModule
 from .plots import close_figure, coefficient_figure, divergence_figure, save_figure
-from .run_outputs import log_figure, shared_run_folder
+from .run_outputs import log_figure, log_report, shared_run_folder
 from .teachers import DEFAULT_CACHE
 
 
@@ -126,7 +126,8 @@ def print_coefficients(coefficients: dict, console: Console | None = None) -> No
 class MergedModelExport(L.Callback):
     """At the end of ``fit``: write ``merged/`` (each folder with its model card),
     ``coefficients.json`` and ``report.json`` into the run's folder (or ``dirpath``), print the
-    report table, and publish the merged folders to the Hub if asked."""
+    report table, log its scores (``report/<task>/{expert,merged,normalized}``) to the loggers,
+    and publish the merged folders to the Hub if asked."""
 
     def __init__(
         self,
@@ -196,11 +197,13 @@ class MergedModelExport(L.Callback):
     def export(self, trainer: L.Trainer, module: DivMergeModule) -> Path:
         """Write every output of ``module``'s current merge (rank 0); also used by ``divmerge-pl merge``."""
         folder = self.folder(trainer)  # on every rank: it broadcasts
-        self._write(folder, module, run_recipe(trainer, module))
+        self._write(folder, module, run_recipe(trainer, module), trainer.loggers, trainer.global_step)
         return folder
 
     @rank_zero_only
-    def _write(self, folder: Path, module: DivMergeModule, recipe: str) -> None:
+    def _write(
+        self, folder: Path, module: DivMergeModule, recipe: str, loggers: list[Logger], step: int
+    ) -> None:
         report = module.evaluate()
         frozen = module.frozen
         tokenizer = AutoTokenizer.from_pretrained(frozen.paths["base"])
@@ -231,6 +234,7 @@ class MergedModelExport(L.Callback):
             card=card,
         )
         print_report(report, title=f"{report['method']} -> {folder}")
+        log_report(loggers, report, step)
         if repo_ids:
             for task, url in push_folders(written, repo_ids, self.hub_private).items():
                 rank_zero_info(f"merged/{task}: published to {repo_ids[task]} ({url})")

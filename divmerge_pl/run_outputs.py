@@ -9,6 +9,7 @@ instead, so ``checkpoints/`` and every other output of a run share one folder wh
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def run_folder(trainer: L.Trainer) -> Path:
     logger = trainer.loggers[0]
     if isinstance(logger, (CSVLogger, TensorBoardLogger)):
         return Path(logger.log_dir).expanduser()
+    if isinstance(logger, WandbLogger):
+        logger.experiment  # noqa: B018 (starts the run: until then its version is None, not the run's id)
     save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(os.path.join(save_dir, str(logger.name or ""), version)).expanduser()
@@ -55,6 +58,27 @@ def log_figure(loggers: list[Logger], name: str, figure: Figure, png: Path, step
             continue
         took.append(type(logger).__name__)
     return took
+
+
+def report_metrics(report: dict) -> dict[str, float]:
+    """``report.json``'s scores as scalars: ``report/<task>/{expert,merged,normalized}`` and
+    ``report/average/...`` (a score that could not be computed is left out)."""
+    metrics = {}
+    for task, row in {**report["tasks"], "average": report["average"]}.items():
+        for key in ("expert", "merged", "normalized"):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                metrics[f"report/{task}/{key}"] = float(value)
+    return metrics
+
+
+def log_report(loggers: list[Logger], report: dict, step: int) -> None:
+    """The final report to every logger (saved at once: ``divmerge-pl merge`` exports after
+    ``validate`` has closed its loggers' files)."""
+    metrics = report_metrics(report)
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
 
 
 class RunFolderConfig(SaveConfigCallback):

@@ -120,6 +120,10 @@ def test_figures_reach_the_logger_and_outputs_its_run_folder(tiny_setup, tmp_pat
     # a short run (4 steps < log_every_n_steps=50) still logs its steps
     steps = sorted({step for step, metrics in first.metrics if "coef/alpha/mean" in metrics})
     assert steps == [0, 1, 2, 3]
+    report = json.loads((logs / "figures" / "run-a" / "report.json").read_text())
+    (final,) = [(step, m) for step, m in first.metrics if "report/alpha/merged" in m]
+    assert final[0] == 4 and final[1]["report/beta/normalized"] == report["tasks"]["beta"]["normalized"]
+    assert final[1]["report/average/merged"] == report["average"]["merged"]
 
     run = logs / "figures" / "run-a"  # the logger's versioned folder, where checkpoints/ would go
     for name in ("coefficients.png", "divergence.png", "report.json", "coefficients.json"):
@@ -143,6 +147,9 @@ def test_a_short_run_with_the_csv_logger_records_its_step_rows(tiny_setup, tmp_p
     # CSV takes no figures: the PNGs stand in the logger's versioned folder with the other outputs
     assert (Path(logger.log_dir) / "coefficients.png").is_file()
     assert (Path(logger.log_dir) / "merged" / "beta" / "config.json").is_file()
+    (final,) = [r for r in rows if r.get("report/alpha/expert")]
+    report = json.loads((Path(logger.log_dir) / "report.json").read_text())
+    assert float(final["report/alpha/expert"]) == pytest.approx(report["tasks"]["alpha"]["expert"])
 
 
 class FakeWandb(WandbLogger):
