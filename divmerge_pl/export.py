@@ -163,7 +163,7 @@ def check_repo_ids(repo_ids: Mapping[str, str]) -> None:
 
 def check_can_push() -> None:
     """Fail before the run, not after it, when the upload could not happen."""
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise ValueError(
             "export.push_to_hub: the Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
             "unset it for this run, or upload the merged folders later with `hf upload`"
