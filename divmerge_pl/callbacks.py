@@ -30,7 +30,7 @@ from .export import (
     push_folders,
     write_outputs,
 )
-from .model_card import MergeFacts, model_card
+from .model_card import MergeFacts, hub_id, model_card
 from .module import DivMergeModule
 from .plots import close_figure, coefficient_figure, divergence_figure, save_figure
 from .run_outputs import log_figure, log_report, shared_run_folder
@@ -207,14 +207,16 @@ class MergedModelExport(L.Callback):
         report = module.evaluate()
         frozen = module.frozen
         tokenizer = AutoTokenizer.from_pretrained(frozen.paths["base"])
+        hub_ids = (hub_id(str(frozen.paths[role])) for role in ["base", *module.tasks])
         facts = MergeFacts(
-            base=str(frozen.paths["base"]),
-            experts={t: str(frozen.paths[t]) for t in module.tasks},
+            base=str(module.hparams.base),
+            experts={t: str(module.hparams.experts[t]) for t in module.tasks},
             report=report,
             recipe=recipe,
             model_class="AutoModelForCausalLM" if module.generative else "AutoModelForSequenceClassification",
             dtype=export_dtype(self.dtype, frozen.configs, frozen.paths),
             generative=module.generative,
+            hub_ids=tuple(i for i in hub_ids if i is not None),  # resolved into the Hub cache
         )
         repo_ids = self.repo_ids(module)
 

@@ -35,13 +35,14 @@ def hub_id(path: str) -> str | None:
 class MergeFacts:
     """Everything a card says about one merge (shared by its task folders)."""
 
-    base: str
-    experts: dict[str, str]  # task -> expert folder
+    base: str  # as the run names it: a folder or a Hub id
+    experts: dict[str, str]  # task -> expert, likewise
     report: dict  # report.json's content
     recipe: str  # YAML: the run's resolved config
     model_class: str  # the transformers Auto class that loads the folder
     dtype: str
     generative: bool
+    hub_ids: tuple[str, ...] = ()  # Hub repo ids of the models merged (the card's base_model)
 
 
 def _score(value: float | None) -> str:
@@ -77,7 +78,7 @@ def rerun_command(report: dict) -> str:
 
 
 def card_metadata(facts: MergeFacts) -> ModelCardData:
-    parents = [i for i in (hub_id(p) for p in [facts.base, *facts.experts.values()]) if i is not None]
+    parents = list(dict.fromkeys(facts.hub_ids))
     extra = {"base_model_relation": "merge"} if len(parents) > 1 else {}
     return ModelCardData(
         library_name="transformers",

@@ -224,7 +224,7 @@ def test_one_causal_lm_folder_gets_its_card_and_one_repo(tmp_path, monkeypatch, 
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
     from divmerge_pl.export import push_folders, write_outputs
-    from divmerge_pl.model_card import MergeFacts, model_card
+    from divmerge_pl.model_card import MergeFacts, hub_id, model_card
 
     from .lm_setup import lm_config, save_lm_tokenizer
 
@@ -238,8 +238,12 @@ def test_one_causal_lm_folder_gets_its_card_and_one_repo(tmp_path, monkeypatch, 
         "settings": {"kind": "static", "params": {"density": 0.1, "scale": 1.8}},
         "params": {"density": 0.1, "scale": 1.8},
     }
-    facts = MergeFacts("base_lm", {t: f"{t}_lm" for t in TASKS}, report, "model: {}\n",
-                       "AutoModelForCausalLM", "bfloat16", generative=True)  # fmt: skip
+    snapshots = [f"/cache/models--org--{name}/snapshots/0a1b" for name in ("base", "alpha", "beta")]
+    assert [hub_id(p) for p in snapshots] == ["org/base", "org/alpha", "org/beta"]
+    assert hub_id("/work/experts/alpha") is None
+    facts = MergeFacts("org/base", {t: f"org/{t}" for t in TASKS}, report, "model: {}\n",
+                       "AutoModelForCausalLM", "bfloat16", generative=True,
+                       hub_ids=tuple(hub_id(p) for p in snapshots))  # fmt: skip
     repo_ids = hub_repo_ids("me/lm-{task}", TASKS, one_model=True)
     written = write_outputs(
         tmp_path / "run", [("", model)], None, report, tokenizer, dtype="bfloat16",
@@ -248,6 +252,9 @@ def test_one_causal_lm_folder_gets_its_card_and_one_repo(tmp_path, monkeypatch, 
     assert written == {"": tmp_path / "run" / "merged" / ""}
     card = ModelCard.load(tmp_path / "run" / "merged" / "README.md")
     assert card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model == ["org/base", "org/alpha", "org/beta"]
+    assert card.data.base_model_relation == "merge"
+    assert "| base (theta0) | `org/base` |" in card.text and "| expert `beta` | `org/beta` |" in card.text
     assert "one merged causal language model serving every task" in card.text
     assert "(this model)" not in card.text and "| alpha | accuracy | 0.8000 | 0.6000 | 0.7500 |" in card.text
     assert "divmerge-pl merge --config recipe.yaml --method ties" in card.text
