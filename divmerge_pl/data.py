@@ -153,6 +153,8 @@ def check_files(task: str, files: str | list[str], columns: list[str], source: s
             raise ValueError(
                 f"task {task!r}: data file {str(path)!r} ({source}) must be one of {', '.join(_BUILDERS)}"
             )
+        if path.stat().st_size < 4096 and not path.read_bytes().strip():
+            raise ValueError(f"task {task!r}: {[str(path)]} ({source}) hold no rows (the file is empty)")
         found = peek_columns(path)
         missing = [c for c in columns if found is not None and c not in found]
         if missing:
@@ -248,6 +250,21 @@ class MergeDataModule(L.LightningDataModule):
                     if task.label_field is None:
                         raise ValueError(f"task {task.name!r}: {source} given but no label_field")
                     check_files(task.name, files, [*task.input_fields, task.label_field], source)
+
+    def class_labels(self) -> dict[str, list[int]]:
+        """Each classification task's class ids in its eval and val files, read without
+        tokenising, so they can be checked against the experts' heads before anything is written."""
+        labels: dict[str, list[int]] = {}
+        for task in self.tasks:
+            if task.prompt is not None or task.label_field is None:
+                continue
+            labels[task.name] = [
+                _as_label(task.name, value)
+                for files in (task.eval_files, task.val_files)
+                if files is not None
+                for value in read_rows(task.name, files, [task.label_field])[task.label_field]
+            ]
+        return labels
 
     def setup(self, stage: str) -> None:
         if self.train_rows is not None:

@@ -247,7 +247,14 @@ class DivMergeModule(L.LightningModule):
     def prepare_data(self) -> None:
         # before the datamodule reads and tokenises anything: paths, configs, weight formats and
         # tensor shapes (safetensors headers) fail in a second, not after the data is ready
-        check_models(self.hparams.base, dict(self.hparams.experts), self.hparams.allow_pickle)
+        checked = check_models(self.hparams.base, dict(self.hparams.experts), self.hparams.allow_pickle)
+        # class ids are read (not tokenised) here too: a label outside an expert's head is refused
+        # before the logger or SaveConfigCallback write their folders in setup
+        dm = getattr(self.trainer, "datamodule", None)
+        if checked.kind == "sequence_classification" and isinstance(dm, MergeDataModule):
+            for task, labels in dm.class_labels().items():
+                if task in checked.configs:
+                    _check_labels(task, labels, int(checked.configs[task].num_labels))
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
