@@ -20,7 +20,7 @@ from typing_extensions import override
 from .answers import answer_logits, answer_targets, expert_generations, generate_answers
 from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
 from .data import MODEL_INPUTS, MergeDataModule
-from .divergences import coarsen, get_objective
+from .divergences import coarsen, combine_tasks, get_objective, relative_weights, sharpen
 from .experts import KIND_CLASS, LoadedExperts, load_experts
 from .merged import (
     build_model,
@@ -161,6 +161,8 @@ class DivMergeModule(L.LightningModule):
         top_k: int | None = None,
         merge_on_demand: bool = True,
         allow_pickle: bool = False,
+        task_weighting: Literal["sum", "relative"] = "sum",
+        teacher_temperature: float = 1.0,
     ) -> None:
         """
         Args:
@@ -198,6 +200,11 @@ class DivMergeModule(L.LightningModule):
                 a model that reads a weight outside its own module falls back, with a warning.
             allow_pickle: also load weights saved as pickles (``pytorch_model.bin``); loading a
                 pickle can run code, so only for folders you trust. Default: safetensors only.
+            task_weighting: ``sum`` adds the tasks' mean divergences (the paper's); ``relative``
+                weighs each task by the inverse of its divergence at the initial coefficients
+                (measured once, before the first step), so an unsure expert's task is not given up.
+            teacher_temperature: the experts' targets are ``softmax(log p / T)``; below 1 they are
+                sharpened towards each expert's own answer (1: the experts' distributions).
         """
         super().__init__()
         get_objective(objective)
@@ -217,7 +224,13 @@ class DivMergeModule(L.LightningModule):
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"model.top_k must be a positive number of tokens (or null: all), got {top_k}")
+        if teacher_temperature <= 0:
+            raise ValueError(f"model.teacher_temperature must be positive, got {teacher_temperature}")
+        if objective == "entropy" and teacher_temperature != 1.0:
+            raise ValueError("model.teacher_temperature: the entropy objective has no teacher to sharpen")
         self.save_hyperparameters()
+        if task_weighting == "relative":  # checkpointed: a resumed run keeps the first run's weights
+            self.register_buffer("start_divergence", torch.full((len(experts),), float("nan")))
         self.objective = get_objective(objective)
         self.frozen: FrozenExperts | None = None
         self.coefficients: nn.Parameter | None = None
@@ -413,6 +426,26 @@ class DivMergeModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.prepare_teachers()
+        if self.hparams.task_weighting == "relative" and bool(self.start_divergence.isnan().any()):
+            self.start_divergence.copy_(self._mean_divergences(self._datamodule()))
+
+    @torch.no_grad()
+    def _mean_divergences(self, dm: MergeDataModule) -> Tensor:
+        """Each task's mean objective over all its merge inputs at the current coefficients."""
+        sums = torch.zeros(len(self.tasks), device=self.device)
+        counts = torch.zeros(len(self.tasks), device=self.device)
+        for batch in dm.ordered_dataloader(dm.train_rows):
+            batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            for t, per_row in self._training_divergences(batch):
+                sums[t] += per_row.sum().float()
+                counts[t] += per_row.numel()
+        return sums / counts.clamp_min(1)
+
+    def task_weights(self) -> Tensor | None:
+        """The objective's per-task weights (None: the paper's plain sum)."""
+        if self.hparams.task_weighting != "relative":
+            return None
+        return relative_weights(self.start_divergence)
 
     def on_validation_start(self) -> None:
         self.prepare_teachers()
@@ -469,6 +502,7 @@ class DivMergeModule(L.LightningModule):
             teacher[torch.tensor(train["row_id"]), :k] = outputs["train"]
             if evals is not None and "eval" in outputs:
                 scores.update(t, outputs["eval"].argmax(-1), torch.tensor(evals["labels"]))
+        teacher = sharpen(teacher, self.hparams.teacher_temperature)
         self.register_buffer("teacher_logprobs", teacher.to(self.device), persistent=False)
         self.expert_scores = {self.tasks[i]: s for i, s in scores.compute().items()}
 
@@ -527,6 +561,8 @@ class DivMergeModule(L.LightningModule):
                 scores.update(t, text, evals["reference"])
         self.register_buffer("answer_ids", answers.to(self.device), persistent=False)
         self.register_buffer("answer_len", lengths.to(self.device), persistent=False)
+        # with top_k, the rest bucket is sharpened as one outcome (the cache keeps the originals)
+        logprobs = sharpen(logprobs, self.hparams.teacher_temperature)
         self.register_buffer("teacher_logprobs", logprobs.to(self.device), persistent=False)
         if top_ids is not None:
             self.register_buffer("teacher_top_ids", top_ids.to(self.device), persistent=False)
@@ -629,8 +665,12 @@ class DivMergeModule(L.LightningModule):
         if world > 1:  # each task's mean over the global batch, whatever share of it this rank holds
             counts = self.all_gather(counts).sum(dim=0)
         present = counts > 0
+        weights = self.task_weights()
         # DDP averages gradients over ranks, hence x world: the sum of per-task means, as on one device
-        total = (sums[present] / counts[present]).sum() * world
+        total = (
+            combine_tasks(sums[present] / counts[present], None if weights is None else weights[present])
+            * world
+        )
         if not torch.isfinite(total):  # stop before Adam writes NaN into the coefficients
             bad = [self.tasks[t] for t in range(len(self.tasks)) if not torch.isfinite(sums[t])]
             raise FloatingPointError(

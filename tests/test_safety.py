@@ -37,8 +37,9 @@ def no_data_read(monkeypatch):
         ("--model.init_args.clamp=[0.0,1.0]", "clamp: None in the checkpoint, [0.0, 1.0] now"),
         ("--model.init_args.task_vector_transform=ties", "task_vector_transform: 'none'"),
         ("--model.init_args.task_vector_dtype=bfloat16", "task_vector_dtype: 'float32'"),
+        ("--model.init_args.task_weighting=relative", "task_weighting: 'sum' in the checkpoint, 'relative'"),
     ],
-    ids=["granularity", "objective", "lr", "init", "clamp", "transform", "dtype"],
+    ids=["granularity", "objective", "lr", "init", "clamp", "transform", "dtype", "weighting"],
 )
 def test_resuming_with_other_merge_settings_is_refused_before_models_load(tiny, monkeypatch, option, key):
     folder = tiny.root / "run"

@@ -46,6 +46,8 @@ from divmerge_pl.methods import DEFAULT_METHODS, get_method
 
 HERE = Path(__file__).parent
 # candidates in order of preference; the first --num_tasks whose experts pass the entry rule run
+# every registry baseline, the paper's DivMerge, and this project's variants (issue "Beyond the paper")
+BENCHMARK_METHODS = DEFAULT_METHODS + ",balanced_layer,sharpened_layer"
 DEFAULT_TASKS = ",".join(
     ["bbc_news", "amazon_reviews", "multiemo", "fever", "hyperbaton", "epistemic_reasoning"]
     + ["vitaminc", "formal_fallacies", "movie_dialog", "trump_tweets"]
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", default=DEFAULT_TASKS)
-    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--methods", default=BENCHMARK_METHODS)
     parser.add_argument("--num_tasks", type=int, default=7, help="tasks taken from the candidates")
     parser.add_argument("--min_margin", type=float, default=0.1, help="expert accuracy over majority rate")
     parser.add_argument("--root", default="~/.cache/divmerge_pl/quality_v2", help="data, experts, teachers")
