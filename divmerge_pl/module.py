@@ -754,12 +754,13 @@ class DivMergeModule(L.LightningModule):
         self.val_scores.reset()
         self._eval_tensors = None
         report = self._report(merged)
+        stage = "test" if self.trainer.testing else "val"
         for task, row in report["tasks"].items():
-            self.log(f"val/{task}/{row['metric']}", row["merged"])
-            self.log(f"val/{task}/expert_{row['metric']}", row["expert"])
-            self.log(f"val/{task}/normalized", row["normalized"])
+            self.log(f"{stage}/{task}/{row['metric']}", row["merged"])
+            self.log(f"{stage}/{task}/expert_{row['metric']}", row["expert"])
+            self.log(f"{stage}/{task}/normalized", row["normalized"])
         if report["tasks"]:
-            self.log("val/normalized", report["average"]["normalized"], prog_bar=True)
+            self.log(f"{stage}/normalized", report["average"]["normalized"], prog_bar=True)
         if not self.trainer.sanity_checking:
             self.last_merged_scores = (self.trainer.global_step, merged)
 

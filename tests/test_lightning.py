@@ -360,3 +360,15 @@ def test_shipped_configs_parse(configs, capsys):
     assert printed["model"]["class_path"] == "divmerge_pl.DivMergeModule"
     if len(configs) > 1:
         assert printed["trainer"]["strategy"]["init_args"]["broadcast_buffers"] is False
+
+
+def test_test_and_validate_log_under_their_own_prefixes(tiny):
+    from divmerge_pl.cli import build_cli
+
+    config = str(write_config(tiny, tiny.root / "run", epochs=1))
+    cli = build_cli(["--config", config], run=False)
+    (validated,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    (tested,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert "val/normalized" in validated and not [k for k in validated if k.startswith("test/")]
+    assert "test/normalized" in tested and not [k for k in tested if k.startswith("val/")]
+    assert tested["test/normalized"] == validated["val/normalized"]  # the same rows, the same merge
