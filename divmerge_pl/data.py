@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer
 from typing_extensions import override
 
+from .hub import local_or_snapshot
 from .metrics import ANSWER_METRICS, MetricName
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ class MergeDataModule(L.LightningDataModule):
             return
         if self.tokenizer_path is None:
             raise ValueError("data.tokenizer is not set: give the base model's folder")
-        self.tokenizer = AutoTokenizer.from_pretrained(Path(self.tokenizer_path).expanduser())
+        folder = local_or_snapshot(self.tokenizer_path, "data.tokenizer")  # a folder, or a Hub id's snapshot
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         if self.prompted:
             # answers are appended after the prompt, so pads go first; too long a prompt loses
             # its start, never the "Answer:" it ends with
