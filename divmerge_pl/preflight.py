@@ -115,7 +115,8 @@ def check_weight_format(folder: Path, role: str, allow_pickle: bool) -> bool:
     if not pickles:
         raise FileNotFoundError(
             f"{role}: {str(folder)!r} holds no weights (no model.safetensors); give the folder "
-            "save_pretrained wrote"
+            "save_pretrained wrote (from a Hub id only safetensors weights are fetched, pickles "
+            "too with model.allow_pickle: true for a repository you trust)"
         )
     if not allow_pickle:
         raise ExpertMismatchError(

@@ -108,6 +108,11 @@ def peek_columns(path: Path) -> list[str] | None:
 def check_paths(task: str, paths: list[Path], source: str) -> list[list[str] | None]:
     """Existence, format and emptiness of data files; their columns where cheap to see."""
     for path in paths:
+        if path.is_dir():
+            raise ValueError(
+                f"task {task!r}: {str(path)!r} ({source}) is a folder in a list of files; give a saved "
+                "or repository dataset folder alone, as {path: FOLDER, split: ...}"
+            )
         if not path.is_file():
             hint = (
                 f"; a Hub dataset is given as {{path: {path}, split: train}}"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from divmerge_pl.cli import main
 from divmerge_pl.hub import is_hub_id, split_revision
-from divmerge_pl.preflight import resolve_model_dir
+from divmerge_pl.preflight import check_weight_format, resolve_model_dir
 
 from .conftest import make_base
 from .test_errors import no_model_loads  # noqa: F401 (fixture)
@@ -136,3 +136,12 @@ def test_the_command_leaves_hf_hub_offline_to_the_user(monkeypatch, capsys):
         main(["fit", "--help"])
     capsys.readouterr()
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_a_hub_model_without_safetensors_says_pickles_need_allow_pickle(tmp_path, hub_cache):
+    make_base(tmp_path / "v0")
+    snapshot = lay_out(hub_cache, "org/old", tmp_path / "v0", COMMIT_A)
+    (snapshot / "model.safetensors").unlink()  # as a repository holding only pytorch_model.bin is fetched
+    folder = resolve_model_dir("org/old", "model.base")
+    with pytest.raises(FileNotFoundError, match=r"model\.base: .* holds no weights.*allow_pickle: true"):
+        check_weight_format(folder, "model.base", allow_pickle=False)

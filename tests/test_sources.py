@@ -137,6 +137,7 @@ def test_a_local_dataset_repository_folder_is_read_as_load_dataset_reads_it(tmp_
         ({"path": "SINGLE", "split": "train"}, r"single saved Dataset, without splits; leave split out"),
         ({"path": "SPLITS", "split": "train", "columns": 1}, r"not a dataset: .*unknown key 'columns'"),
         ("stanfordnlp/sst2", r"data file 'stanfordnlp/sst2' \(eval_files\) does not exist; a Hub dataset is"),
+        (["SPLITS", "rows.csv"], r"is a folder in a list of files; give a saved or repository dataset"),
     ],
     ids=[
         "hub-missing",
@@ -148,6 +149,7 @@ def test_a_local_dataset_repository_folder_is_read_as_load_dataset_reads_it(tmp_
         "single",
         "key",
         "id",
+        "folder-in-list",
     ],
 )
 def test_bad_sources_are_named_with_the_task_before_reading(tmp_path, hub_datasets, source, message):
@@ -157,6 +159,8 @@ def test_bad_sources_are_named_with_the_task_before_reading(tmp_path, hub_datase
     )
     if isinstance(source, dict) and source["path"] in ("SPLITS", "SINGLE"):
         source = {**source, "path": str(tmp_path / source["path"].lower())}
+    if isinstance(source, list):
+        source = [str(tmp_path / s.lower()) for s in source]
     with pytest.raises((ValueError, FileNotFoundError), match=r"task 'alpha'.*" + message):
         check_files("alpha", source, COLUMNS, "eval_files")
 
