@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from .coefficients import Granularity
 from .data import MergeDataModule
 from .export import check_free, print_report, write_outputs
+from .hub import local_or_snapshot
 from .module import DivMergeModule
 from .plots import coefficient_heatmap, divergence_curves
 from .teachers import DEFAULT_CACHE
@@ -233,8 +234,9 @@ class MergeOnFitEnd(L.Callback):
         device, with the progress bar, logging and precision of ``trainer`` (the user's own
         run, when called from it); returns ``output_dir``."""
         model.save_pretrained(self.expert_dir)
+        base = local_or_snapshot(self.base, "MergeOnFitEnd base")  # a folder, or a Hub id's snapshot
         try:
-            AutoTokenizer.from_pretrained(Path(self.base).expanduser()).save_pretrained(self.expert_dir)
+            AutoTokenizer.from_pretrained(base).save_pretrained(self.expert_dir)
         except (OSError, ValueError):  # a base folder without a tokenizer: the expert has none either
             pass
         module = DivMergeModule(

@@ -94,8 +94,6 @@ def console() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    # The model hub is never needed: every model is a local folder.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The frozen experts stay in eval mode on purpose (no dropout in teachers or merge).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     argv = list(sys.argv[1:] if args is None else args)
