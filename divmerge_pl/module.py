@@ -7,6 +7,8 @@ The only trainable state is Gamma [tasks x groups]. Experts are loaded in ``setu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -15,6 +17,7 @@ from datasets import Dataset
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .answers import answer_logits, answer_targets, expert_generations, generate_answers
@@ -528,22 +531,16 @@ class DivMergeModule(L.LightningModule):
             if outputs is None:
                 tensors = expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t)
                 model = self.frozen.skeleton
-                targets = answer_targets(
-                    model, tensors, dm.ordered_dataloader(train), width, eos, pad, top_k,
-                    f"expert {name}: answers", show,
-                )  # fmt: skip
+                targets = self._across_ranks(dm, train, partial(
+                    answer_targets, model, tensors, max_new_tokens=width, eos_id=eos, pad_id=pad,
+                    top_k=top_k, desc=f"expert {name}: answers", show_progress=show,
+                ))  # fmt: skip
                 outputs = {f"train_{k}": v for k, v in targets.items()}
                 if evals is not None:
-                    generated = expert_generations(
-                        model,
-                        tensors,
-                        dm.ordered_dataloader(evals),
-                        width,
-                        eos,
-                        pad,
-                        f"expert {name}: eval",
-                        show,
-                    )
+                    generated = self._across_ranks(dm, evals, partial(
+                        expert_generations, model, tensors, max_new_tokens=width, eos_id=eos,
+                        pad_id=pad, desc=f"expert {name}: eval", show_progress=show,
+                    ))  # fmt: skip
                     outputs.update({f"eval_{k}": v for k, v in generated.items()})
                 if self.trainer.is_global_zero:
                     cache.save(key, outputs)
@@ -581,7 +578,25 @@ class DivMergeModule(L.LightningModule):
                 return forward_logits(self.frozen.skeleton, head, inputs)
 
         show = self.trainer.is_global_zero
-        return compute_logprobs(forward, dm.ordered_dataloader(rows), desc, show)
+        return self._across_ranks(dm, rows, partial(compute_logprobs, forward, desc=desc, show_progress=show))
+
+    def _across_ranks(self, dm: MergeDataModule, rows: Dataset, compute: Callable[[DataLoader], Any]) -> Any:
+        """``compute`` over ``rows``' batches (a tensor or a dict of tensors, a row each), each of the W
+        processes taking every W-th row and the shares gathered back in row order: teachers cost
+        1/W of their single-process time, and every rank ends with all of them."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 or len(rows) < world:
+            return compute(dm.ordered_dataloader(rows))
+        rank = self.trainer.global_rank
+        share = compute(dm.ordered_dataloader(rows.select(range(rank, len(rows), world))))
+        size = -(-len(rows) // world)
+
+        def gather(part: Tensor) -> Tensor:
+            padded = part.new_zeros((size, *part.shape[1:]))
+            padded[: len(part)] = part
+            return interleave_shares(self.all_gather(padded.to(self.device)).cpu(), len(rows))
+
+        return {k: gather(v) for k, v in share.items()} if isinstance(share, dict) else gather(share)
 
     # ------------------------------------------------------------------ the merge
     def merge_coefficients(self) -> Tensor:
@@ -917,3 +932,9 @@ def _check_labels(task: str, labels: list[int], num_classes: int) -> None:
 def _rows_of(rows: Dataset, task_id: int) -> Dataset:
     ids = rows["task_id"]
     return rows.select([i for i, t in enumerate(ids) if t == task_id])
+
+
+def interleave_shares(gathered: Tensor, rows: int) -> Tensor:
+    """``[W, ceil(n / W), ...]`` shares (rank r held rows r, r + W, ...) back into row order,
+    without the padding of the last share."""
+    return gathered.transpose(0, 1).reshape(-1, *gathered.shape[2:])[:rows]
