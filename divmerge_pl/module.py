@@ -578,7 +578,10 @@ class DivMergeModule(L.LightningModule):
                 return forward_logits(self.frozen.skeleton, head, inputs)
 
         show = self.trainer.is_global_zero
-        return self._across_ranks(dm, rows, partial(compute_logprobs, forward, desc=desc, show_progress=show))
+        def logprobs(batches: DataLoader) -> Tensor:
+            return compute_logprobs(forward, batches, desc, show)
+
+        return self._across_ranks(dm, rows, logprobs)
 
     def _across_ranks(self, dm: MergeDataModule, rows: Dataset, compute: Callable[[DataLoader], Any]) -> Any:
         """``compute`` over ``rows``' batches (a tensor or a dict of tensors, a row each), each of the W
