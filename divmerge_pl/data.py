@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from typing_extensions import override
 
 from .metrics import ANSWER_METRICS, MetricName
+from .quiet import follow_trainer
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ class MergeDataModule(L.LightningDataModule):
                     check_files(task.name, files, [*task.input_fields, task.label_field], source)
 
     def setup(self, stage: str) -> None:
+        follow_trainer(self.trainer)  # tokenising bars only where the Trainer shows its own
         if self.train_rows is not None:
             return
         if self.tokenizer_path is None:
