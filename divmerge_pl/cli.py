@@ -5,10 +5,13 @@ methods through the same harness (commands.py); all take the same ``--config``."
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
@@ -66,15 +69,16 @@ class DivMergeCLI(RunCLI):
             return super()._run_subcommand(subcommand)
         given = self.config[subcommand]
         options = self._subcommand_method_arguments[subcommand]
+        check_own_options_on_command_line(subcommand, getattr(self, subcommand), given, self.command_line)
         self.result = getattr(self, subcommand)(**{k: given[k] for k in options})
 
     def run_options(self, subcommand: str) -> list[str]:
         """The command line after ``subcommand``, less its own options: ``fit``'s options
         (``--config``, ``--trainer.*``, ...), which each method's run is built from."""
-        if subcommand not in self.command_line:
+        if self.command_line[:1] != [subcommand]:
             raise ValueError(
-                f"divmerge-pl {subcommand} reads its options from a command line (a list of strings), "
-                "not from a dict: see README, 'Comparing methods'"
+                f"divmerge-pl {subcommand}: give its options after the word {subcommand} on a command "
+                f"line (a list of strings, not a dict), e.g. divmerge-pl {subcommand} --config merge.yaml"
             )
         rest = self.command_line[self.command_line.index(subcommand) + 1 :]
         names = self._subcommand_method_arguments[subcommand]
@@ -132,6 +136,26 @@ class DivMergeCLI(RunCLI):
                 '{adamerging_layer: {lr: 0.005}, ties: {density: 0.1}}'.
         """
         return commands.compare(self.run_options("compare"), methods, output_dir, overwrite, method_args)
+
+
+def check_own_options_on_command_line(
+    subcommand: str, method: Callable[..., Any], given: Namespace, command_line: list[str]
+) -> None:
+    """A run per method is built from fit's options, so a config file holding merge's or
+    compare's own option (``method:``) would fail there with an unknown key; say so here."""
+    on_line = {arg.split("=", 1)[0].rstrip("+") for arg in command_line if arg.startswith("--")}
+    defaults = inspect.signature(method).parameters
+    in_files = [
+        name
+        for name, parameter in defaults.items()
+        if f"--{name}" not in on_line and given.get(name) != parameter.default
+    ]
+    if in_files:
+        raise ValueError(
+            f"divmerge-pl {subcommand}: {', '.join(in_files)} came from a config file; give "
+            f"{', '.join('--' + n for n in in_files)} on the command line instead (config files hold "
+            "fit's settings, which every method's run reads)"
+        )
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:

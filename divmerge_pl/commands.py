@@ -49,8 +49,8 @@ def learned_args(method: LearnedMethod) -> list[str]:
 def after_configs(cli_args: list[str], options: list[str]) -> list[str]:
     """``options`` placed after the last ``--config``: the method's settings override the config
     file's, and the user's own command-line options override the method's."""
-    ends = [i + 2 for i, a in enumerate(cli_args) if a == "--config"]
-    ends += [i + 1 for i, a in enumerate(cli_args) if a.startswith("--config=")]
+    ends = [i + 2 for i, a in enumerate(cli_args) if a in ("--config", "-c")]
+    ends += [i + 1 for i, a in enumerate(cli_args) if a.startswith(("--config=", "-c="))]
     at = max(ends, default=0)
     return [*cli_args[:at], *options, *cli_args[at:]]
 

@@ -95,3 +95,13 @@ def test_every_bar_follows_the_trainers_enable_progress_bar(tiny, capfd, bars):
     else:
         assert "it/s" not in both and "s/it" not in both and "\r" not in both, both[-2000:]
     assert (run_dir(tiny.root / "run") / "report.json").is_file()
+
+
+def test_merges_own_option_in_a_config_file_is_named(tiny):
+    """A method's run is built from fit's options, which have no ``method``: the mistake is
+    named, with the way out, before any run."""
+    config = write_config(tiny, tiny.root / "run")
+    config.write_text(config.read_text() + "method: ties\n")
+    with pytest.raises(ValueError, match=r"method came from a config file; give --method on the command"):
+        main(["merge", "--config", str(config)])
+    assert not (tiny.root / "run" / "lightning_logs").exists()
