@@ -4,6 +4,7 @@ run with bars off prints none, whichever library draws them."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,8 +63,28 @@ def progress_bars(enabled: bool) -> Iterator[None]:
         set_progress_bars(before)
 
 
+class _DropAdvert(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger": an advert, logged by every Trainer (a
+    compare builds one per method), about a service nothing here uses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_DROP_ADVERT = _DropAdvert()
+
+
 def filter_notices() -> None:
     """Hide third-party notices that tell a user of this package nothing they can act on. Each
-    filter names the notice and says why it does not apply; call once, at the command's start."""
+    filter names the notice and says why it does not apply; called at the command's start
+    (calling it again adds nothing)."""
     # Lightning: the frozen experts stay in eval mode on purpose (no dropout in teachers or merge).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning's own code (utilities/_pytree.py) still builds torch's deprecated LeafSpec, once
+    # per run: nothing a user of this package can change.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _DROP_ADVERT not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_DROP_ADVERT)
