@@ -30,6 +30,7 @@ from .export import (
     push_folders,
     write_outputs,
 )
+from .hub import local_or_snapshot
 from .model_card import MergeFacts, hub_id, model_card
 from .module import DivMergeModule
 from .plots import close_figure, coefficient_figure, divergence_figure, save_figure
@@ -344,8 +345,9 @@ class MergeOnFitEnd(L.Callback):
         device, with the progress bar, logging and precision of ``trainer`` (the user's own
         run, when called from it); returns ``output_dir``."""
         model.save_pretrained(self.expert_dir)
+        base = local_or_snapshot(self.base, "MergeOnFitEnd base")  # a folder, or a Hub id's snapshot
         try:
-            AutoTokenizer.from_pretrained(Path(self.base).expanduser()).save_pretrained(self.expert_dir)
+            AutoTokenizer.from_pretrained(base).save_pretrained(self.expert_dir)
         except (OSError, ValueError):  # a base folder without a tokenizer: the expert has none either
             pass
         module = DivMergeModule(

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from huggingface_hub import HfApi, ModelCard, constants, get_token
+from huggingface_hub import HfApi, ModelCard, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .hub import hub_offline
 from .merged import save_model
 from .preflight import safetensors_in
 
@@ -163,7 +164,7 @@ def check_repo_ids(repo_ids: Mapping[str, str]) -> None:
 
 def check_can_push() -> None:
     """Fail before the run, not after it, when the upload could not happen."""
-    if constants.HF_HUB_OFFLINE:
+    if hub_offline():
         raise ValueError(
             "export.push_to_hub: the Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
             "unset it for this run, or upload the merged folders later with `hf upload`"

@@ -164,6 +164,7 @@ def test_push_to_hub_uploads_each_folder_with_its_card(exported, tmp_path, monke
         return f"https://huggingface.co/{repo_id}/commit/0"
 
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # conftest keeps tests offline; the upload is intercepted
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     export = MergedModelExport(dirpath=str(tmp_path / "pushed"), push_to_hub="someone/tiny-merge-{task}")
@@ -188,11 +189,12 @@ def test_push_to_hub_settings_are_checked_before_the_run(exported, tmp_path, mon
     module, trainer, _ = exported
     export = MergedModelExport(dirpath=str(tmp_path / "never"), push_to_hub="me/m-{task}")
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
     with pytest.raises(ValueError, match="no Hugging Face token; set HF_TOKEN"):
         export.on_fit_start(trainer, module)
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="the Hub is switched off"):
         export.on_fit_start(trainer, module)
     with pytest.raises(ValueError, match="'me/m-alpha b' .task 'alpha'. is not a Hub repo id"):
