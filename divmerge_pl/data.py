@@ -193,6 +193,9 @@ class MergeDataModule(L.LightningDataModule):
         self.seed = seed
         self.tokenizer = None
         self.train_rows: Dataset | None = None
+        # labelled files read (not tokenised) in prepare_data, to check their class ids, and
+        # reused by setup: every file is read once
+        self._labelled_files: dict[tuple[str, str], Dataset] = {}
         self.eval_rows: Dataset | None = None
         self.tuning_rows: Dataset | None = None  # labelled validation rows (val_files)
 
@@ -223,6 +226,13 @@ class MergeDataModule(L.LightningDataModule):
                         raise ValueError(f"task {task.name!r}: {source} given but no label_field")
                     check_files(task.name, files, [*task.input_fields, task.label_field], source)
 
+    def _read_labelled(self, task: TaskSpec, source: str, files: Files) -> Dataset:
+        key = (task.name, source)
+        if key not in self._labelled_files:
+            columns = [*task.input_fields, task.label_field]
+            self._labelled_files[key] = read_rows(task.name, files, columns, source)
+        return self._labelled_files[key]
+
     def class_labels(self) -> dict[str, list[int]]:
         """Each classification task's class ids in its eval and val files, read without
         tokenising, so they can be checked against the experts' heads before anything is written."""
@@ -234,7 +244,7 @@ class MergeDataModule(L.LightningDataModule):
                 _as_label(task.name, value)
                 for source, files in (("eval_files", task.eval_files), ("val_files", task.val_files))
                 if files is not None
-                for value in read_rows(task.name, files, [task.label_field], source)[task.label_field]
+                for value in self._read_labelled(task, source, files)[task.label_field]
             ]
         return labels
 
@@ -283,12 +293,12 @@ class MergeDataModule(L.LightningDataModule):
         self.train_rows = _with_row_ids(concatenate_datasets(train_parts))
         self.eval_rows = _with_row_ids(concatenate_datasets(eval_parts)) if eval_parts else None
         self.tuning_rows = _with_row_ids(concatenate_datasets(tuning_parts)) if tuning_parts else None
+        self._labelled_files = {}  # tokenised now: the raw rows are not needed again
 
     def _labelled_rows(self, task: TaskSpec, task_id: int, source: str, files, cap: int | None) -> Dataset:
         if task.label_field is None:
             raise ValueError(f"task {task.name!r}: {source} given but no label_field")
-        columns = [*task.input_fields, task.label_field]
-        rows = drop_empty_texts(read_rows(task.name, files, columns, source), task, source)
+        rows = drop_empty_texts(self._read_labelled(task, source, files), task, source)
         if cap is not None:
             rows = rows.select(range(min(cap, len(rows))))
         return self._encode(rows, task, task_id, with_labels=True)
