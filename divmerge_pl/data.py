@@ -196,6 +196,7 @@ class MergeDataModule(L.LightningDataModule):
         # labelled files read (not tokenised) in prepare_data, to check their class ids, and
         # reused by setup: every file is read once
         self._labelled_files: dict[tuple[str, str], Dataset] = {}
+        self._class_labels: dict[str, list[int]] | None = None
         self.eval_rows: Dataset | None = None
         self.tuning_rows: Dataset | None = None  # labelled validation rows (val_files)
 
@@ -236,6 +237,8 @@ class MergeDataModule(L.LightningDataModule):
     def class_labels(self) -> dict[str, list[int]]:
         """Each classification task's class ids in its eval and val files, read without
         tokenising, so they can be checked against the experts' heads before anything is written."""
+        if self._class_labels is not None:  # a datamodule shared by several runs (compare)
+            return self._class_labels
         labels: dict[str, list[int]] = {}
         for task in self.tasks:
             if task.prompt is not None or task.label_field is None:
@@ -246,6 +249,7 @@ class MergeDataModule(L.LightningDataModule):
                 if files is not None
                 for value in self._read_labelled(task, source, files)[task.label_field]
             ]
+        self._class_labels = labels
         return labels
 
     def setup(self, stage: str) -> None:
