@@ -13,6 +13,7 @@ the adapter and the setting named.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
 
-from .preflight import ExpertMismatchError
+from .preflight import ExpertMismatchError, TaskKind
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's own names
@@ -236,6 +238,107 @@ def _check_factors(role, weight, down, up, r, shape, fan_in_fan_out) -> None:
             f"model.base's {shape} at rank {r} (expected A {(r, d_in)}, B {(d_out, r)}); "
             "was the adapter trained on another base?"
         )
+
+
+# ---------------------------------------------------------------- several adapters, one base
+PEFT_TASK_KINDS: dict[str, TaskKind] = {"SEQ_CLS": "sequence_classification", "CAUSAL_LM": "causal_lm"}
+
+
+def adapter_kind(adapter: LoraAdapter, role: str) -> TaskKind | None:
+    """The task kind an adapter was trained for (peft's ``task_type``), None when it says none."""
+    task_type = adapter.config.task_type
+    if task_type is None:
+        return None
+    kind = PEFT_TASK_KINDS.get(str(task_type))
+    if kind is None:
+        raise UnsupportedAdapterError(
+            f"{role}: {str(adapter.folder)!r} is a LoRA for task_type {str(task_type)!r}; "
+            f"only {sorted(PEFT_TASK_KINDS)} (classification with heads, causal LM) can be merged"
+        )
+    return kind
+
+
+@dataclass
+class LoraExperts:
+    """The LoRA experts of a merge, over one base: factors stacked per target (tasks that are not
+    adapters add no rank), the rest of each adapter (``modules_to_save``) split into per-task heads
+    and full backbone tensors (to be merged as dense task vectors), a config per task (the base's,
+    with the adapter's number of labels), and content fingerprints."""
+
+    stacks: dict[str, LowRankStack]
+    heads: dict[str, dict[str, Tensor]]  # task -> its head tensors
+    full: dict[str, dict[str, Tensor]]  # task -> backbone tensors it replaces whole
+    configs: dict[str, PretrainedConfig]
+    fingerprints: dict[str, str]
+
+
+def read_lora_experts(
+    base: PreTrainedModel,
+    kind: TaskKind,
+    tasks: Sequence[str],
+    folders: Mapping[str, str | Path],
+    heads: set[str],
+    allow_pickle: bool = False,
+) -> LoraExperts:
+    """Read the adapters among ``tasks`` (``folders``: task -> adapter folder; the other tasks are
+    full experts) and check each against ``base`` and the merge's ``kind``. ``heads``: the base's
+    per-task head tensors (a classification adapter must save its own head: a LoRA trained with
+    ``task_type="SEQ_CLS"`` does)."""
+    from .experts import fingerprint  # experts.py imports this module to load adapters
+
+    per_task: list[dict[str, LoraFactors]] = []
+    task_heads, full, configs, fingerprints = {}, {}, {}, {}
+    for task in tasks:
+        if task not in folders:
+            per_task.append({})
+            continue
+        role = f"expert {task!r}"
+        adapter = read_adapter(folders[task], role, base, heads, allow_pickle)
+        own_kind = adapter_kind(adapter, role)
+        if own_kind is not None and own_kind != kind:
+            raise ExpertMismatchError(
+                f"{role}: {str(adapter.folder)!r} is a {own_kind} LoRA but the merge is {kind} "
+                "(from the other experts, or the base's architectures); experts must share one kind"
+            )
+        task_heads[task] = {n: t for n, t in adapter.full.items() if n in heads}
+        full[task] = {n: t for n, t in adapter.full.items() if n not in heads}
+        lacking = sorted(heads - set(task_heads[task]))
+        if lacking:
+            raise ExpertMismatchError(
+                f"{role}: {str(adapter.folder)!r} does not save head tensor {lacking[0]!r} "
+                "(modules_to_save); a classification expert needs its own trained head: train the "
+                "LoRA with task_type='SEQ_CLS' or modules_to_save=[<head module>]"
+            )
+        configs[task] = _expert_config(base, task_heads[task], kind, role)
+        per_task.append(adapter.factors)
+        fingerprints[task] = fingerprint({**_factor_tensors(adapter.factors), **adapter.full})
+    return LoraExperts(stack_factors(per_task), task_heads, full, configs, fingerprints)
+
+
+def _expert_config(base: PreTrainedModel, head: Mapping[str, Tensor], kind: TaskKind, role: str):
+    """The base's config with the adapter's number of labels: the rows of the head tensors that
+    have one row per label in the base (``classifier.*``, not DistilBERT's ``pre_classifier``)."""
+    config = copy.deepcopy(base.config)
+    if kind != "sequence_classification":
+        return config
+    params = dict(base.named_parameters())
+    rows = {t.shape[0] for n, t in head.items() if params[n].shape[0] == base.config.num_labels}
+    if len(rows) > 1:
+        raise ExpertMismatchError(
+            f"{role}: its head tensors disagree on the number of labels ({sorted(rows)} rows)"
+        )
+    if rows:
+        config.num_labels = rows.pop()
+    return config
+
+
+def _factor_tensors(factors: Mapping[str, LoraFactors]) -> dict[str, Tensor]:
+    """Named tensors that change whenever a factor or its scaling does (for fingerprints)."""
+    named = {}
+    for name, f in factors.items():
+        named.update({f"{name}.lora_A": f.down, f"{name}.lora_B": f.up})
+        named[f"{name}.scaling"] = torch.tensor([f.scaling], dtype=torch.float64)
+    return named
 
 
 # ---------------------------------------------------------------- stacked over tasks

@@ -26,6 +26,7 @@ from divmerge_pl.lora import (
     merged_linear,
     merged_weight,
     read_adapter,
+    read_lora_experts,
     stack_factors,
 )
 from divmerge_pl.preflight import ExpertMismatchError
@@ -250,3 +251,44 @@ def test_pickled_adapter_needs_allow_pickle(bert, tmp_path):
     with pytest.raises(ExpertMismatchError, match="adapter_model.bin.*allow_pickle"):
         read_adapter(tmp_path / "ad", "expert 'p'", bert, HEADS)
     assert read_adapter(tmp_path / "ad", "expert 'p'", bert, HEADS, allow_pickle=True).factors
+
+
+def test_lora_experts_stack_heads_configs_fingerprints(bert, two_bert_adapters, tmp_path):
+    _, root = two_bert_adapters
+    # a third adapter with a 5-label head, over the same backbone
+    torch.manual_seed(10)
+    five = BertForSequenceClassification(tiny_config(num_labels=5)).eval()
+    five.load_state_dict({k: v for k, v in bert.state_dict().items() if "classifier" not in k}, strict=False)
+    make_adapter(five, tmp_path / "five", bert_lora(r=2), seed=11)
+    folders = {"a": root / "a", "b": root / "b", "five": tmp_path / "five"}
+    tasks = ["a", "dense", "b", "five"]  # "dense": a full expert, no adapter
+    experts = read_lora_experts(bert, "sequence_classification", tasks, folders, HEADS)
+    query = experts.stacks["bert.encoder.layer.0.attention.self.query.weight"]
+    assert query.task_of_rank.tolist() == [0] * 4 + [2] * 2 + [3] * 2
+    value = experts.stacks["bert.encoder.layer.0.attention.self.value.weight"]
+    assert value.task_of_rank.tolist() == [0] * 4 + [3] * 2  # b targets query only
+    assert set(experts.heads) == {"a", "b", "five"} and experts.full == {"a": {}, "b": {}, "five": {}}
+    assert experts.heads["five"]["classifier.weight"].shape == (5, 32)
+    assert {t: c.num_labels for t, c in experts.configs.items()} == {"a": 3, "b": 3, "five": 5}
+    assert bert.config.num_labels == 3  # the base's own config is left alone
+    assert len(set(experts.fingerprints.values())) == 3
+    # the same adapter, another B: another fingerprint
+    make_adapter(bert, tmp_path / "a2", bert_lora(r=4, lora_alpha=8), seed=12)
+    again = read_lora_experts(bert, "sequence_classification", ["a"], {"a": tmp_path / "a2"}, HEADS)
+    assert again.fingerprints["a"] != experts.fingerprints["a"]
+    same = read_lora_experts(bert, "sequence_classification", ["a"], {"a": root / "a"}, HEADS)
+    assert same.fingerprints["a"] == experts.fingerprints["a"]
+
+
+def test_lora_experts_refuse_another_kind_and_a_missing_head(bert, tmp_path):
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(lm_config("llama", vocab_size=50)).eval()
+    make_adapter(
+        llama, tmp_path / "lm", LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]), 13
+    )
+    with pytest.raises(ExpertMismatchError, match="expert 'lm'.*causal_lm LoRA but the merge is sequence_cl"):
+        read_lora_experts(llama, "sequence_classification", ["lm"], {"lm": tmp_path / "lm"}, set())
+    assert read_lora_experts(llama, "causal_lm", ["lm"], {"lm": tmp_path / "lm"}, set()).heads == {"lm": {}}
+    make_adapter(bert, tmp_path / "headless", LoraConfig(r=2, target_modules=["query"]), 14)
+    with pytest.raises(ExpertMismatchError, match="expert 'h'.*does not save head tensor 'classifier.bias'"):
+        read_lora_experts(bert, "sequence_classification", ["h"], {"h": tmp_path / "headless"}, HEADS)
