@@ -24,7 +24,16 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .preflight import ExpertMismatchError, TaskKind
+from .preflight import (
+    CheckedModels,
+    ExpertMismatchError,
+    TaskKind,
+    check_models,
+    check_weight_format,
+    detect_kind,
+    read_config,
+    resolve_model_dir,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's own names
@@ -81,6 +90,63 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_folders(experts: Mapping[str, str]) -> dict[str, Path]:
+    """The experts given as PEFT adapter folders: task -> folder."""
+    folders = {task: Path(path).expanduser() for task, path in experts.items()}
+    return {task: folder for task, folder in folders.items() if is_adapter_folder(folder)}
+
+
+def check_with_adapters(base: str, experts: Mapping[str, str], allow_pickle: bool = False) -> CheckedModels:
+    """``preflight.check_models`` for experts of which some (or all) are LoRA adapters: the full
+    experts are checked as ever; each adapter's config is read and checked (type, variant, task
+    kind) without its weights, so a wrong adapter fails before any data is read. An adapter's
+    config is the base's until its head is read (``read_lora_experts``)."""
+    adapters = adapter_folders(experts)
+    full = {task: path for task, path in experts.items() if task not in adapters}
+    if not adapters:
+        return check_models(base, dict(experts), allow_pickle)
+    if full:
+        checked = check_models(base, full, allow_pickle)
+    else:
+        base_dir = resolve_model_dir(base, "model.base")
+        config = read_config(base_dir, "model.base")
+        check_weight_format(base_dir, "model.base", allow_pickle)
+        checked = CheckedModels({"base": base_dir}, {}, config, None)  # kind: from the adapters
+    kinds = {}
+    for task, folder in adapters.items():
+        role = f"expert {task!r}"
+        kinds[task] = adapter_kind(_read_lora_config(folder, role), role, folder)
+    kind = checked.kind or next((k for k in kinds.values() if k), None)
+    if kind is None:  # no adapter says: the base's own architecture does
+        kind = detect_kind("model.base", checked.base_config)
+    for task, own in kinds.items():
+        _check_kind(f"expert {task!r}", adapters[task], own, kind)
+    configs = {t: checked.configs.get(t, checked.base_config) for t in experts}
+    return CheckedModels({**checked.paths, **adapters}, configs, checked.base_config, kind)
+
+
+def _read_lora_config(folder: Path, role: str):
+    try:
+        from peft import PeftConfig, PeftType
+    except ImportError as err:
+        raise ImportError(
+            f"{role}: {str(folder)!r} is a PEFT adapter, which needs peft: pip install 'divmerge-pl[peft]'"
+        ) from err
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as err:
+        raise ExpertMismatchError(
+            f"{role}: cannot read {str(folder / ADAPTER_CONFIG)!r} with peft: {err}"
+        ) from err
+    if config.peft_type != PeftType.LORA:
+        raise UnsupportedAdapterError(
+            f"{role}: {str(folder)!r} is a {config.peft_type.value} adapter; only LoRA adapters can be "
+            "merged (merge it into its base with peft's merge_and_unload and give that folder instead)"
+        )
+    _check_plain_lora(config, role, folder)
+    return config
+
+
 def read_adapter(
     folder: str | Path,
     role: str,
@@ -94,27 +160,10 @@ def read_adapter(
     number of labels). Every factor is checked against its target layer's type and shape, so an
     adapter of another base fails here, naming the tensor.
     """
-    try:
-        from peft import PeftConfig, PeftType
-        from peft.utils import load_peft_weights
-    except ImportError as err:
-        raise ImportError(
-            f"{role}: {str(folder)!r} is a PEFT adapter, which needs peft: pip install 'divmerge-pl[peft]'"
-        ) from err
-
     folder = Path(folder)
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as err:
-        raise ExpertMismatchError(
-            f"{role}: cannot read {str(folder / ADAPTER_CONFIG)!r} with peft: {err}"
-        ) from err
-    if config.peft_type != PeftType.LORA:
-        raise UnsupportedAdapterError(
-            f"{role}: {str(folder)!r} is a {config.peft_type.value} adapter; only LoRA adapters can be "
-            "merged (merge it into its base with peft's merge_and_unload and give that folder instead)"
-        )
-    _check_plain_lora(config, role, folder)
+    config = _read_lora_config(folder, role)
+    from peft.utils import load_peft_weights
+
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
         if not (folder / "adapter_model.bin").is_file():
@@ -126,6 +175,12 @@ def read_adapter(
                 "if you trust it"
             )
     state = load_peft_weights(str(folder), device="cpu")
+    corrupted = sorted(key for key, tensor in state.items() if not bool(torch.isfinite(tensor).all()))
+    if corrupted:
+        raise ExpertMismatchError(
+            f"{role}: adapter tensor {corrupted[0]!r} in {str(folder)!r} holds NaN/inf values; the "
+            "adapter is corrupted (re-save it, or check its fine-tuning for divergence)"
+        )
     factors, full = _split_weights(state, config, role, base, heads)
     return LoraAdapter(folder=folder, config=config, factors=factors, full=full)
 
@@ -244,15 +299,14 @@ def _check_factors(role, weight, down, up, r, shape, fan_in_fan_out) -> None:
 PEFT_TASK_KINDS: dict[str, TaskKind] = {"SEQ_CLS": "sequence_classification", "CAUSAL_LM": "causal_lm"}
 
 
-def adapter_kind(adapter: LoraAdapter, role: str) -> TaskKind | None:
+def adapter_kind(config, role: str, folder: Path) -> TaskKind | None:
     """The task kind an adapter was trained for (peft's ``task_type``), None when it says none."""
-    task_type = adapter.config.task_type
-    if task_type is None:
+    if config.task_type is None:
         return None
-    kind = PEFT_TASK_KINDS.get(str(task_type))
+    kind = PEFT_TASK_KINDS.get(str(config.task_type))
     if kind is None:
         raise UnsupportedAdapterError(
-            f"{role}: {str(adapter.folder)!r} is a LoRA for task_type {str(task_type)!r}; "
+            f"{role}: {str(folder)!r} is a LoRA for task_type {str(config.task_type)!r}; "
             f"only {sorted(PEFT_TASK_KINDS)} (classification with heads, causal LM) can be merged"
         )
     return kind
@@ -294,11 +348,11 @@ def read_lora_experts(
             continue
         role = f"expert {task!r}"
         adapter = read_adapter(folders[task], role, base, heads, allow_pickle)
-        own_kind = adapter_kind(adapter, role)
-        if own_kind is not None and own_kind != kind:
-            raise ExpertMismatchError(
-                f"{role}: {str(adapter.folder)!r} is a {own_kind} LoRA but the merge is {kind} "
-                "(from the other experts, or the base's architectures); experts must share one kind"
+        _check_kind(role, adapter.folder, adapter_kind(adapter.config, role, adapter.folder), kind)
+        if set(adapter.factors) & heads:
+            raise UnsupportedAdapterError(
+                f"{role}: LoRA targets head tensor {sorted(set(adapter.factors) & heads)[0]!r}; a "
+                "per-task head must be saved whole (modules_to_save), not as a LoRA"
             )
         task_heads[task] = {n: t for n, t in adapter.full.items() if n in heads}
         full[task] = {n: t for n, t in adapter.full.items() if n not in heads}
@@ -313,6 +367,14 @@ def read_lora_experts(
         per_task.append(adapter.factors)
         fingerprints[task] = fingerprint({**_factor_tensors(adapter.factors), **adapter.full})
     return LoraExperts(stack_factors(per_task), task_heads, full, configs, fingerprints)
+
+
+def _check_kind(role: str, folder: Path, own: TaskKind | None, kind: TaskKind) -> None:
+    if own is not None and own != kind:
+        raise ExpertMismatchError(
+            f"{role}: {str(folder)!r} is a {own} LoRA but the merge is {kind} "
+            "(from the other experts, or the base's architectures); experts must share one kind"
+        )
 
 
 def _expert_config(base: PreTrainedModel, head: Mapping[str, Tensor], kind: TaskKind, role: str):

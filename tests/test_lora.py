@@ -10,12 +10,23 @@ from __future__ import annotations
 import copy
 import json
 
+import lightning as L
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch.func import functional_call
-from transformers import BertForSequenceClassification, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertForSequenceClassification,
+    BertModel,
+    LlamaForCausalLM,
+)
 
+from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
+from divmerge_pl.data import MODEL_INPUTS
+from divmerge_pl.experts import load_experts
 from divmerge_pl.lora import (
     LoraFactors,
     LowRankExperts,
@@ -30,9 +41,10 @@ from divmerge_pl.lora import (
     stack_factors,
 )
 from divmerge_pl.preflight import ExpertMismatchError
+from divmerge_pl.static_merges import TaskArithmetic
 
-from .conftest import tiny_config
-from .lm_setup import lm_config
+from .conftest import TinySetup, make_base, make_expert, tiny_config, write_rows
+from .lm_setup import TinyLM, lm_config, make_lm, write_prompt_rows
 
 HEADS = {"classifier.weight", "classifier.bias"}
 
@@ -292,3 +304,212 @@ def test_lora_experts_refuse_another_kind_and_a_missing_head(bert, tmp_path):
     make_adapter(bert, tmp_path / "headless", LoraConfig(r=2, target_modules=["query"]), 14)
     with pytest.raises(ExpertMismatchError, match="expert 'h'.*does not save head tensor 'classifier.bias'"):
         read_lora_experts(bert, "sequence_classification", ["h"], {"h": tmp_path / "headless"}, HEADS)
+
+
+# ---------------------------------------------------------------- end to end: a fit with LoRA experts
+def lora_reference(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Base weight name -> (A, B, scaling), read straight from peft (no code of ours)."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    config, state = PeftConfig.from_pretrained(str(folder)), load_peft_weights(str(folder), device="cpu")
+    out = {}
+    for key, down in state.items():
+        if ".lora_A." in key:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            up = state[key.replace(".lora_A.", ".lora_B.")]
+            out[f"{module}.weight"] = (down, up, config.lora_alpha / config.r)
+    return out
+
+
+def fit(model_args: dict, specs: list[dict], tokenizer, max_steps: int):
+    module = DivMergeModule(**{"lr": 0.05, **model_args})
+    data = MergeDataModule(
+        [TaskSpec(**s) for s in specs], tokenizer=str(tokenizer), batch_size=8, max_length=16
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return module, data
+
+
+@pytest.fixture(scope="module")
+def bert_setup(tmp_path_factory) -> TinySetup:
+    """A full expert (alpha, 2 labels) and two LoRA experts (beta: r 4 on query and value, 3
+    labels; gamma: r 2 on query only, 2 labels) of one BertModel base."""
+    root = tmp_path_factory.mktemp("bert_lora")
+    base = root / "base"
+    make_base(base)
+    labels = {"alpha": 2, "beta": 3, "gamma": 2}
+    experts = {t: root / "experts" / t for t in labels}
+    make_expert(base, experts["alpha"], 2, seed=100)
+    for task, targets, seed in (("beta", ["query", "value"], 101), ("gamma", ["query"], 102)):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(tiny_config(labels[task])).eval()
+        model.bert.load_state_dict(BertModel.from_pretrained(base).state_dict())
+        r = 4 if task == "beta" else 2
+        make_adapter(
+            model,
+            experts[task],
+            LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=8, target_modules=targets),
+            seed,
+        )
+    train, evals = {}, {}
+    for i, (task, k) in enumerate(labels.items()):
+        (root / "data" / task).mkdir(parents=True)
+        train[task] = write_rows(root / "data" / task / "train.jsonl", 24, k, seed=10 + i)
+        evals[task] = write_rows(root / "data" / task / "eval.jsonl", 12, k, seed=20 + i)
+    return TinySetup(root, base, experts, train, evals, labels)
+
+
+def test_fit_with_lora_experts_merges_their_factors(bert_setup):
+    setup = bert_setup
+    module, data = fit(setup.model_args(teacher_cache=None), setup.task_specs(), setup.base, max_steps=3)
+    frozen, tasks = module.frozen, list(module.tasks)
+    base = dict(frozen.skeleton.named_parameters())
+    targets = [
+        f"bert.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")
+    ]
+    assert sorted(frozen.low_rank.names) == sorted(targets)
+    # no dense d_out x d_in vector for a LoRA target: only the full expert's stack holds them
+    for name in targets:
+        assert frozen.task_vectors()[name][1:].abs().sum() == 0  # LoRA tasks' rows of the dense stack
+    assert all(b.shape not in (base[n].shape for n in targets) for b in frozen.low_rank.buffers())
+    query = frozen.low_rank.stacks()[targets[0]]
+    assert query.down.shape == (4 + 2, 32) and query.task_of_rank.tolist() == [1] * 4 + [2] * 2
+
+    # teachers: each LoRA expert's outputs are peft's model of that adapter
+    for task in ("beta", "gamma"):
+        t, dm_id = tasks.index(task), data.task_names.index(task)
+        expert = PeftModel.from_pretrained(
+            BertForSequenceClassification.from_pretrained(setup.base, num_labels=setup.labels[task]),
+            setup.experts[task],
+        ).eval()
+        rows = data.train_rows.select([i for i, r in enumerate(data.train_rows["task_id"]) if r == dm_id])
+        for batch in data.ordered_dataloader(rows):
+            with torch.no_grad():
+                want = torch.log_softmax(
+                    expert(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits, -1
+                )
+            got = module.teacher_logprobs[batch["row_id"], : setup.labels[task]]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    gamma = module.merge_coefficients().detach()
+    assert not torch.allclose(gamma, torch.full_like(gamma, 1 / 3))  # it learned
+    group = module.layout.group_of
+    factors = {task: lora_reference(setup.experts[task]) for task in ("beta", "gamma")}
+    exported = dict(module.merged_models())
+    batch = next(iter(data.ordered_dataloader(data.train_rows)))
+    with torch.no_grad(), module._low_rank():
+        in_training = {t: logits for t, _rows, logits in module._batch_logits(module.merged_tensors(), batch)}
+    for t, task in enumerate(tasks):
+        params = dict(exported[task].named_parameters())
+        for name in targets:  # W0 + Gamma_alpha tau_alpha + sum over LoRA tasks Gamma s B A
+            g = gamma[:, group[name]]
+            want = base[name] + g[0] * frozen.task_vectors()[name][0]
+            for s, other in enumerate(("beta", "gamma"), start=1):
+                if name in factors[other]:
+                    down, up, scaling = factors[other][name]
+                    want = want + g[s] * scaling * (up @ down)
+            torch.testing.assert_close(params[name], want, atol=1e-6, rtol=0)
+        if task != "alpha":  # its head is the adapter's modules_to_save classifier
+            torch.testing.assert_close(params["classifier.weight"], frozen.head(t)["classifier.weight"])
+            assert exported[task].config.num_labels == setup.labels[task]
+        # the merged forward of training (low-rank hooks) is the exported dense model's
+        rows = module.task_map[batch["task_id"]] == t
+        if rows.any():
+            with torch.no_grad():
+                dense = exported[task](**{k: batch[k][rows] for k in MODEL_INPUTS if k in batch}).logits
+            torch.testing.assert_close(in_training[t], dense, atol=1e-5, rtol=0)
+    report = module.evaluate()  # scoring runs the merged forward too
+    assert set(report["tasks"]) == set(tasks)
+
+
+def test_lora_experts_refuse_training_free_merges_and_transforms(bert_setup):
+    args = bert_setup.model_args(teacher_cache=None, task_vector_transform="ties")
+    with pytest.raises(ValueError, match="task_vector_transform 'ties' is not supported with LoRA experts"):
+        fit(args, bert_setup.task_specs(), bert_setup.base, max_steps=1)
+    module = DivMergeModule(**bert_setup.model_args(teacher_cache=None))
+    module.use_static_merge(TaskArithmetic())
+    with pytest.raises(ValueError, match="training-free merges are not supported with LoRA experts"):
+        module.load_experts()
+
+
+def test_wrong_adapter_fails_before_the_data_is_read(bert_setup, tmp_path):
+    make_adapter(
+        BertForSequenceClassification(tiny_config(num_labels=2)),
+        tmp_path / "ia3",
+        IA3Config(task_type="SEQ_CLS", target_modules=["query"], feedforward_modules=[]),
+        seed=3,
+    )
+    module = DivMergeModule(
+        base=str(bert_setup.base), experts={"alpha": str(tmp_path / "ia3")}, teacher_cache=None
+    )
+    with pytest.raises(UnsupportedAdapterError, match="expert 'alpha'.*IA3 adapter"):
+        module.prepare_data()
+
+
+def test_fit_with_lora_causal_lm_experts(tmp_path):
+    base = tmp_path / "base"
+    make_lm(base, "llama", seed=0)
+    experts, train, evals = {}, {}, {}
+    for i, task in enumerate(("alpha", "beta")):
+        experts[task] = tmp_path / "experts" / task
+        config = LoraConfig(task_type="CAUSAL_LM", r=2 + i, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        make_adapter(AutoModelForCausalLM.from_pretrained(base).eval(), experts[task], config, seed=30 + i)
+        (tmp_path / "data" / task).mkdir(parents=True)
+        train[task] = write_prompt_rows(tmp_path / "data" / task / "train.jsonl", 16, task, seed=10 + i)
+        evals[task] = write_prompt_rows(tmp_path / "data" / task / "eval.jsonl", 4, task, seed=20 + i)
+    lm = TinyLM(tmp_path, base, experts, train, evals)
+    module, data = fit(lm.model_args(teacher_cache=None), lm.task_specs(), base, max_steps=2)
+    assert module.frozen.names == [] and len(module.frozen.low_rank.names) == 4
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    for dm_id, task in enumerate(data.task_names):  # teachers: peft's model of each adapter answers
+        expert = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), experts[task]).eval()
+        for row in [r for r in data.train_rows if r["task_id"] == dm_id][:4]:
+            out = expert.generate(
+                input_ids=torch.tensor([row["input_ids"]]), max_new_tokens=4, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )[0, len(row["input_ids"]):].tolist()  # fmt: skip
+            if tokenizer.eos_token_id in out:
+                out = out[: out.index(tokenizer.eos_token_id) + 1]
+            n = int(module.answer_len[row["row_id"]])
+            assert module.answer_ids[row["row_id"], :n].tolist() == out
+    ((folder, merged),) = list(module.merged_models())
+    gamma, group = module.merge_coefficients().detach(), module.layout.group_of
+    base_params = dict(AutoModelForCausalLM.from_pretrained(base).named_parameters())
+    factors = [lora_reference(experts[t]) for t in module.tasks]
+    for name, param in merged.named_parameters():
+        want = base_params[name]
+        for t, own in enumerate(factors):
+            if name in own:
+                down, up, scaling = own[name]
+                want = want + gamma[t, group[name]] * scaling * (up @ down)
+        torch.testing.assert_close(param, want, atol=1e-6, rtol=0)
+    assert folder == "" and set(module.evaluate()["tasks"]) == {"alpha", "beta"}
+
+
+def test_backbone_modules_an_adapter_saves_whole_merge_as_dense_task_vectors(bert_setup, tmp_path):
+    torch.manual_seed(40)
+    model = BertForSequenceClassification(tiny_config(2)).eval()
+    model.bert.load_state_dict(BertModel.from_pretrained(bert_setup.base).state_dict())
+    config = LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], modules_to_save=["pooler.dense"])
+    make_adapter(model, tmp_path / "pooled", config, seed=41)
+    experts = {"alpha": str(bert_setup.experts["alpha"]), "pooled": str(tmp_path / "pooled")}
+    loaded = load_experts(str(bert_setup.base), experts)
+    saved = {
+        k.removeprefix("base_model.model."): v
+        for k, v in load_file(tmp_path / "pooled" / "adapter_model.safetensors").items()
+    }
+    base = dict(loaded.skeleton.named_parameters())
+    for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias"):
+        torch.testing.assert_close(loaded.task_vectors[name][1], saved[name] - base[name], atol=0, rtol=0)
+    assert set(loaded.heads["pooled"]) == HEADS and set(loaded.low_rank) == {
+        f"bert.encoder.layer.{i}.attention.self.query.weight" for i in (0, 1)
+    }
+    assert (
+        loaded.configs["pooled"].num_labels == 2
+        and loaded.fingerprints["pooled"] != loaded.fingerprints["alpha"]
+    )
