@@ -513,3 +513,33 @@ def test_backbone_modules_an_adapter_saves_whole_merge_as_dense_task_vectors(ber
         loaded.configs["pooled"].num_labels == 2
         and loaded.fingerprints["pooled"] != loaded.fingerprints["alpha"]
     )
+
+
+def test_cli_fit_with_lora_experts_writes_merged_models(bert_setup, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from divmerge_pl.cli import main
+
+    from .test_fit import run_dir, write_config
+
+    out = tmp_path / "run"
+    main(["fit", "--config", str(write_config(bert_setup, out, granularity="block", epochs=1))])
+    run = run_dir(out)
+    coefficients = json.loads((run / "coefficients.json").read_text())
+    gamma, groups = torch.tensor(coefficients["values"]), coefficients["groups"]
+    base = dict(BertModel.from_pretrained(bert_setup.base).named_parameters())
+    alpha = dict(
+        AutoModelForSequenceClassification.from_pretrained(bert_setup.experts["alpha"]).named_parameters()
+    )
+    factors = {t: lora_reference(bert_setup.experts[t]) for t in ("beta", "gamma")}
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "merged" / "beta")
+    assert merged.config.num_labels == 3
+    name = "bert.encoder.layer.1.attention.self.query.weight"
+    g = gamma[:, groups.index("layer.1")]
+    theta0 = base[name.removeprefix("bert.")]
+    want = theta0 + g[0] * (alpha[name] - theta0)
+    for t, task in enumerate(("beta", "gamma"), start=1):
+        down, up, scaling = factors[task][name]
+        want = want + g[t] * scaling * (up @ down)
+    torch.testing.assert_close(dict(merged.named_parameters())[name], want, atol=1e-6, rtol=0)
+    assert set(json.loads((run / "report.json").read_text())["tasks"]) == {"alpha", "beta", "gamma"}
