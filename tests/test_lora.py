@@ -543,3 +543,14 @@ def test_cli_fit_with_lora_experts_writes_merged_models(bert_setup, tmp_path):
         want = want + g[t] * scaling * (up @ down)
     torch.testing.assert_close(dict(merged.named_parameters())[name], want, atol=1e-6, rtol=0)
     assert set(json.loads((run / "report.json").read_text())["tasks"]) == {"alpha", "beta", "gamma"}
+
+
+def test_experts_all_lora_take_their_kind_from_the_adapters(bert_setup):
+    """The base is a BertModel folder (no head, architectures BertModel): the adapters' task_type
+    says classification, their heads say how many labels."""
+    experts = {t: str(bert_setup.experts[t]) for t in ("beta", "gamma")}
+    loaded = load_experts(str(bert_setup.base), experts)
+    assert loaded.kind == "sequence_classification" and loaded.task_vectors == {}
+    assert {t: c.num_labels for t, c in loaded.configs.items()} == {"beta": 3, "gamma": 2}
+    assert [h["classifier.weight"].shape[0] for h in loaded.heads.values()] == [3, 2]
+    assert len(loaded.low_rank) == 4 and set(loaded.fingerprints) == {"base", "beta", "gamma"}
