@@ -16,6 +16,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -489,6 +490,33 @@ def test_fit_with_lora_causal_lm_experts(tmp_path):
                 want = want + gamma[t, group[name]] * scaling * (up @ down)
         torch.testing.assert_close(param, want, atol=1e-6, rtol=0)
     assert folder == "" and set(module.evaluate()["tasks"]) == {"alpha", "beta"}
+
+    # a training step's forward and backward never form a d_out x d_in matrix of a LoRA target
+    targets = {tuple(base_params[name].shape) for name in module.frozen.low_rank.names}
+    batch = next(iter(data.train_dataloader()))
+    with ShapeRecorder() as made:
+        loss = sum(per_row.sum() for _t, per_row in module._training_divergences(batch))
+        loss.backward()
+    assert module.coefficients.grad.abs().sum() > 0
+    assert not targets & made.shapes, sorted(targets & made.shapes)
+    assert any(len(shape) == 3 and shape[-1] == 2 + 3 for shape in made.shapes)  # the rank-5 path ran
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an aten op creates (views of its inputs left out)."""
+
+    def __enter__(self):
+        self.shapes: set[tuple[int, ...]] = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                self.shapes.add(tuple(tensor.shape))
+        return out
 
 
 def test_backbone_modules_an_adapter_saves_whole_merge_as_dense_task_vectors(bert_setup, tmp_path):
