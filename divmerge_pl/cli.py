@@ -4,6 +4,7 @@ training-free and learned methods through the same harness (see commands.py)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -43,6 +44,16 @@ class DivMergeCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = latest_checkpoint(config["trainer"].get("default_root_dir"))
         check_resume(config.get("ckpt_path"), model_arguments(config.get("model")))
+        # Lightning then applies the checkpoint's hyper-parameters over the config (from 2.5.5);
+        # the merge-defining ones were just checked equal, and for the rest (allow_pickle,
+        # teacher_cache, paths...) the command the user typed wins: see before_instantiate_classes
+        self._typed_model = copy.deepcopy(config.get("model"))
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        typed = getattr(self, "_typed_model", None)
+        if typed is not None and self.config.get("subcommand"):
+            self.config[self.config.subcommand]["model"] = typed
 
 
 def model_arguments(model: Any) -> dict[str, Any]:
@@ -83,8 +94,6 @@ def console() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    # The model hub is never needed: every model is a local folder.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The frozen experts stay in eval mode on purpose (no dropout in teachers or merge).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     argv = list(sys.argv[1:] if args is None else args)

@@ -145,7 +145,8 @@ def load_experts(
 
     # The base in the experts' architecture: its backbone is theta0, its own head is unused.
     safe = {"use_safetensors": None if allow_pickle else True}
-    skeleton, info = _load(cls, paths["base"], "model.base", config=configs[first], **safe)
+    skeleton_config = configs.get(first, checked.base_config)  # an adapter's: the base's own
+    skeleton, info = _load(cls, paths["base"], "model.base", config=skeleton_config, **safe)
     heads = head_names(skeleton, kind)
     base_state = {n: p.detach() for n, p in skeleton.named_parameters()}
     missing = sorted(n for n in info["missing_keys"] if n not in heads)

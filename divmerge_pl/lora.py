@@ -99,8 +99,8 @@ def adapter_folders(experts: Mapping[str, str]) -> dict[str, Path]:
 def check_with_adapters(base: str, experts: Mapping[str, str], allow_pickle: bool = False) -> CheckedModels:
     """``preflight.check_models`` for experts of which some (or all) are LoRA adapters: the full
     experts are checked as ever; each adapter's config is read and checked (type, variant, task
-    kind) without its weights, so a wrong adapter fails before any data is read. An adapter's
-    config is the base's until its head is read (``read_lora_experts``)."""
+    kind) without its weights, so a wrong adapter fails before any data is read. ``configs``
+    holds the full experts' only: an adapter's comes with its head (``read_lora_experts``)."""
     adapters = adapter_folders(experts)
     full = {task: path for task, path in experts.items() if task not in adapters}
     if not adapters:
@@ -108,7 +108,7 @@ def check_with_adapters(base: str, experts: Mapping[str, str], allow_pickle: boo
     if full:
         checked = check_models(base, full, allow_pickle)
     else:
-        base_dir = resolve_model_dir(base, "model.base")
+        base_dir = resolve_model_dir(base, "model.base", allow_pickle)
         config = read_config(base_dir, "model.base")
         check_weight_format(base_dir, "model.base", allow_pickle)
         checked = CheckedModels({"base": base_dir}, {}, config, None)  # kind: from the adapters
@@ -121,8 +121,7 @@ def check_with_adapters(base: str, experts: Mapping[str, str], allow_pickle: boo
         kind = detect_kind("model.base", checked.base_config)
     for task, own in kinds.items():
         _check_kind(f"expert {task!r}", adapters[task], own, kind)
-    configs = {t: checked.configs.get(t, checked.base_config) for t in experts}
-    return CheckedModels({**checked.paths, **adapters}, configs, checked.base_config, kind)
+    return CheckedModels({**checked.paths, **adapters}, checked.configs, checked.base_config, kind)
 
 
 def _read_lora_config(folder: Path, role: str):
