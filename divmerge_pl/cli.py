@@ -1,83 +1,170 @@
-"""``divmerge-pl``: a LightningCLI, so strategy, devices, precision, loggers and callbacks
-come from the Trainer's own options and configs; plus ``merge`` and ``compare``, which run
-training-free and learned methods through the same harness (see commands.py)."""
+"""``divmerge-pl``: one LightningCLI, so strategy, devices, precision, loggers and callbacks
+come from the Trainer's own options and configs. Its subcommands are the Trainer's ``fit``,
+``validate`` and ``test``, and ``merge`` and ``compare``, which run training-free and learned
+methods through the same harness (commands.py); all take the same ``--config``."""
 
 from __future__ import annotations
 
-import copy
+import inspect
 import os
 import sys
-import warnings
+from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from .callbacks import CoefficientMonitor, MergedModelExport
-from .data import MergeDataModule
-from .module import DivMergeModule
-from .resume import check_resume, latest_checkpoint
+from . import commands
+from .methods import DEFAULT_METHODS
+from .quiet import filter_notices
+from .run_cli import CLI_SETTINGS, USAGE, RunCLI
+
+# The Trainer's own subcommands we offer. ``predict`` is not: a merge has no prediction step
+# (its outputs are merged/ and the report); predict with the exported merged/ model instead.
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 
 
-class DivMergeCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The inputs are tokenised by the tokenizer of the model being merged.
-        parser.link_arguments("model.init_args.base", "data.init_args.tokenizer")
-        # Always on: every fit ends with merged/, coefficients.json and report.json.
-        parser.add_lightning_class_args(MergedModelExport, "export")
-        parser.add_lightning_class_args(CoefficientMonitor, "monitor")
-        # Checkpoints hold only the coefficients and Adam's state (kilobytes): keep the last one
-        # and one at any exception (Ctrl-C, a non-finite loss), so `--ckpt_path last` resumes.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_on_exception": True})
+class DivMergeCLI(RunCLI):
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        trainer = {k: v for k, v in LightningCLI.subcommands().items() if k in TRAINER_SUBCOMMANDS}
+        return {**trainer, "merge": set(), "compare": set()}
 
     @override
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        # Public API, before anything is instantiated: `--ckpt_path last` is resolved and the
-        # checkpoint is read safely and checked against the merge's settings here, so resuming
-        # another merge's run fails before any model loads, whatever Lightning then does with it.
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # Lightning takes each subcommand's options (and help line) from the Trainer method of
+        # that name and has no public hook for others; merge and compare are methods of this
+        # class, so their typed arguments become options the same way (--config, --trainer.*,
+        # --model.*, --data.* come with every subcommand's parser).
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        parser_subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            owner = self.trainer_class if name in TRAINER_SUBCOMMANDS else type(self)
+            description = (getattr(owner, name).__doc__ or "").strip().split("\n")[0]
+            settings = {"description": description, **kwargs.get(name, {})}
+            subparser = self._prepare_subcommand_parser(owner, name, **settings)
+            self._subcommand_parsers[name] = subparser
+            parser_subcommands.add_subcommand(name, subparser, help=description)
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # merge and compare build each method's run from the command line's own words
+        given = sys.argv[1:] if args is None else args
+        self.command_line = list(given) if isinstance(given, (list, tuple)) else []
         super().parse_arguments(parser, args)
-        if not self.config.get("subcommand"):
-            return
-        config = self.config[self.config.subcommand]
-        if config.get("ckpt_path") == "last":
-            config["ckpt_path"] = latest_checkpoint(config["trainer"].get("default_root_dir"))
-        check_resume(config.get("ckpt_path"), model_arguments(config.get("model")))
-        # Lightning then applies the checkpoint's hyper-parameters over the config (from 2.5.5);
-        # the merge-defining ones were just checked equal, and for the rest (allow_pickle,
-        # teacher_cache, paths...) the command the user typed wins: see before_instantiate_classes
-        self._typed_model = copy.deepcopy(config.get("model"))
 
     @override
-    def before_instantiate_classes(self) -> None:
-        typed = getattr(self, "_typed_model", None)
-        if typed is not None and self.config.get("subcommand"):
-            self.config[self.config.subcommand]["model"] = typed
+    def instantiate_classes(self) -> None:
+        # merge and compare build a run per method (commands.py), each with the method's own
+        # settings, so nothing is instantiated for them here.
+        if self.subcommand in TRAINER_SUBCOMMANDS or self.subcommand is None:
+            super().instantiate_classes()
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Lightning runs only Trainer methods (see _add_subcommands).
+        if subcommand in TRAINER_SUBCOMMANDS:
+            return super()._run_subcommand(subcommand)
+        given = self.config[subcommand]
+        options = self._subcommand_method_arguments[subcommand]
+        check_own_options_on_command_line(subcommand, getattr(self, subcommand), given, self.command_line)
+        self.result = getattr(self, subcommand)(**{k: given[k] for k in options})
+
+    def run_options(self, subcommand: str) -> list[str]:
+        """The command line after ``subcommand``, less its own options: ``fit``'s options
+        (``--config``, ``--trainer.*``, ...), which each method's run is built from."""
+        if self.command_line[:1] != [subcommand]:
+            raise ValueError(
+                f"divmerge-pl {subcommand}: give its options after the word {subcommand} on a command "
+                f"line (a list of strings, not a dict), e.g. divmerge-pl {subcommand} --config merge.yaml"
+            )
+        rest = self.command_line[self.command_line.index(subcommand) + 1 :]
+        names = self._subcommand_method_arguments[subcommand]
+        own = {f"--{name}{plus}" for name in names for plus in ("", "+")}  # "+": append to a list
+        kept: list[str] = []
+        skip_value = False
+        for arg in rest:
+            if skip_value:
+                skip_value = False
+            elif arg in own:
+                skip_value = True
+            elif arg.split("=", 1)[0] not in own:
+                kept.append(arg)
+        return kept
+
+    def merge(
+        self,
+        method: str,
+        method_args: dict[str, Any] | str | None = None,
+        select_scale: str | None = None,
+    ) -> Any:
+        """Merge with one method of the registry and write the outputs of fit (merged/, report.json, ...).
+
+        Args:
+            method: a name of the method registry (README: methods), e.g. ties, divmerge_layer.
+            method_args: the method's settings to override, as YAML/JSON or a YAML file, e.g.
+                '{density: 0.1}' or '{lr: 0.005}'; a training-free method's parameter given here is
+                not chosen on validation.
+            select_scale: gone (it chose the scale on the rows the report scores); giving it is an
+                error that says what replaced it.
+        """
+        if select_scale is not None:
+            raise ValueError(
+                "--select_scale is gone: it chose the scale on the rows the report scores. Give each "
+                "task val_files (a labelled validation split): task_arithmetic, ties and dare then choose "
+                "their scale there, from the grid of the method registry (override with --method_args "
+                "'{grid: ...}')"
+            )
+        return commands.merge(self.run_options("merge"), method, method_args)
+
+    def compare(
+        self,
+        methods: list[str] | str = DEFAULT_METHODS,
+        output_dir: str = "runs/compare",
+        overwrite: bool = False,
+        method_args: dict[str, Any] | str | None = None,
+    ) -> Any:
+        """Run several methods on the same experts and data and tabulate their reports.
+
+        Args:
+            methods: method names, a list or separated by commas.
+            output_dir: where comparison.{json,md,png} and a run per method are written.
+            overwrite: replace an earlier comparison in output_dir.
+            method_args: per method, its settings to override, as YAML/JSON or a YAML file:
+                '{adamerging_layer: {lr: 0.005}, ties: {density: 0.1}}'.
+        """
+        return commands.compare(self.run_options("compare"), methods, output_dir, overwrite, method_args)
 
 
-def model_arguments(model: Any) -> dict[str, Any]:
-    """The module's arguments from the parsed config (a class_path/init_args namespace)."""
-    if model is None:
-        return {}
-    init = model.get("init_args", model) if hasattr(model, "get") else model
-    return dict(init.as_dict() if hasattr(init, "as_dict") else init)
+def check_own_options_on_command_line(
+    subcommand: str, method: Callable[..., Any], given: Namespace, command_line: list[str]
+) -> None:
+    """A run per method is built from fit's options, so a config file holding merge's or
+    compare's own option (``method:``) would fail there with an unknown key; say so here."""
+    on_line = {arg.split("=", 1)[0].rstrip("+") for arg in command_line if arg.startswith("--")}
+    defaults = inspect.signature(method).parameters
+    in_files = [
+        name
+        for name, parameter in defaults.items()
+        if f"--{name}" not in on_line and given.get(name) != parameter.default
+    ]
+    if in_files:
+        raise ValueError(
+            f"divmerge-pl {subcommand}: {', '.join(in_files)} came from a config file; give "
+            f"{', '.join('--' + n for n in in_files)} on the command line instead (config files hold "
+            "fit's settings, which every method's run reads)"
+        )
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DivMergeCLI:
     return DivMergeCLI(
-        DivMergeModule,
-        MergeDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+        **CLI_SETTINGS,
         args=args,
         run=run,
-        auto_configure_optimizers=False,
         # one usage line, so a config mistake's message is not buried under every Trainer option
-        parser_kwargs={
-            name: {"usage": f"divmerge-pl {name} --config CONFIG [options] (--help lists them)"}
-            for name in ("fit", "validate", "test", "predict")
-        },
+        parser_kwargs={name: {"usage": USAGE.format(name=name)} for name in DivMergeCLI.subcommands()},
     )
 
 
@@ -93,16 +180,13 @@ def console() -> None:
         raise SystemExit(2) from None
 
 
-def main(args: list[str] | None = None) -> None:
-    # The frozen experts stay in eval mode on purpose (no dropout in teachers or merge).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("merge", "compare"):
-        from .commands import compare_main, merge_main
-
-        (merge_main if argv[0] == "merge" else compare_main)(argv[1:])
-        return
-    build_cli(args)  # None: LightningCLI reads sys.argv itself
+def main(args: list[str] | None = None) -> Any:
+    """Run ``divmerge-pl`` on ``args`` (the process's arguments when None); returns what merge
+    (the run's folder) or compare (the comparison) returns, else the CLI."""
+    # HF_HUB_OFFLINE is the user's to set: models may be Hub ids (hub.py)
+    filter_notices()
+    cli = build_cli(args)  # None: LightningCLI reads sys.argv itself
+    return getattr(cli, "result", cli)
 
 
 if __name__ == "__main__":

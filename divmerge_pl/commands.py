@@ -10,7 +10,6 @@ outputs are written by the same
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -24,12 +23,7 @@ from .data import MergeDataModule
 from .export import write_json
 from .methods import DEFAULT_METHODS, LearnedMethod, get_method
 from .plots import comparison_bars
-
-
-def _cli(args: list[str]):
-    from .cli import build_cli  # the CLI imports this module
-
-    return build_cli(args, run=False)
+from .run_cli import build_run
 
 
 def _export_callback(trainer) -> MergedModelExport:
@@ -39,7 +33,7 @@ def _export_callback(trainer) -> MergedModelExport:
 def shared_datamodule(cli_args: list[str], root: Path) -> MergeDataModule:
     """The data of ``cli_args``'s config, for every method of a comparison: its rows are read and
     tokenised once (the first run sets it up), not once per method."""
-    return _cli([*cli_args, f"--trainer.default_root_dir={root}"]).datamodule
+    return build_run([*cli_args, f"--trainer.default_root_dir={root}"]).datamodule
 
 
 def learned_args(method: LearnedMethod) -> list[str]:
@@ -55,8 +49,8 @@ def learned_args(method: LearnedMethod) -> list[str]:
 def after_configs(cli_args: list[str], options: list[str]) -> list[str]:
     """``options`` placed after the last ``--config``: the method's settings override the config
     file's, and the user's own command-line options override the method's."""
-    ends = [i + 2 for i, a in enumerate(cli_args) if a == "--config"]
-    ends += [i + 1 for i, a in enumerate(cli_args) if a.startswith("--config=")]
+    ends = [i + 2 for i, a in enumerate(cli_args) if a in ("--config", "-c")]
+    ends += [i + 1 for i, a in enumerate(cli_args) if a.startswith(("--config=", "-c="))]
     at = max(ends, default=0)
     return [*cli_args[:at], *options, *cli_args[at:]]
 
@@ -72,10 +66,10 @@ def run_method(
     data config and shared between runs, so its rows are read and tokenised once."""
     chosen = get_method(method, overrides)
     if isinstance(chosen, LearnedMethod):
-        cli = _cli(after_configs(cli_args, learned_args(chosen)))
+        cli = build_run(after_configs(cli_args, learned_args(chosen)))
         cli.trainer.fit(cli.model, datamodule=datamodule or cli.datamodule)
         return _export_callback(cli.trainer).folder(cli.trainer)
-    cli = _cli(cli_args)
+    cli = build_run(cli_args)
     model, trainer = cli.model, cli.trainer
     export = _export_callback(trainer)
     model.use_static_merge(chosen.build(), method=chosen)  # chooses its settings on val_files first
@@ -84,10 +78,13 @@ def run_method(
     return export.export(trainer, model)
 
 
-def method_args(text: str | None) -> dict[str, Any]:
-    """``--method_args``: YAML or JSON text, or the path of a YAML file."""
+def method_args(text: dict[str, Any] | str | None) -> dict[str, Any]:
+    """``--method_args``: a mapping (the command line's YAML or JSON, already parsed), YAML or
+    JSON text, or the path of a YAML file."""
     if text is None:
         return {}
+    if isinstance(text, dict):
+        return text
     path = Path(text).expanduser()
     loaded = yaml.safe_load(path.read_text() if path.is_file() else text)
     if not isinstance(loaded, dict):
@@ -95,82 +92,47 @@ def method_args(text: str | None) -> dict[str, Any]:
     return loaded
 
 
-def merge_main(argv: list[str]) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="divmerge-pl merge",
-        description="Merge with one method of the registry (README: methods) and write the outputs "
-        "of `fit` (merged/, report.json, ...). Other options (--config, --trainer.*, --model.*, "
-        "--data.*) are those of `fit`.",
-    )
-    parser.add_argument(
-        "--method", required=True, help="a name of the method registry, e.g. ties, divmerge_layer"
-    )
-    parser.add_argument(
-        "--method_args",
-        default=None,
-        help="the method's settings to override, as YAML/JSON or a YAML file, e.g. '{density: 0.1}' "
-        "or '{lr: 0.005}'; a training-free method's parameter given here is not chosen on validation",
-    )
-    parser.add_argument("--select_scale", default=None, help=argparse.SUPPRESS)
-    ours, rest = parser.parse_known_args(argv)
-    if ours.select_scale is not None:
-        raise ValueError(
-            "--select_scale is gone: it chose the scale on the rows the report scores. Give each task "
-            "val_files (a labelled validation split): task_arithmetic, ties and dare then choose their "
-            "scale there, from the grid of the method registry (override with --method_args '{grid: ...}')"
-        )
-    return run_method(ours.method, rest, method_args(ours.method_args))
+def merge(cli_args: list[str], method: str, settings: dict[str, Any] | str | None = None) -> Path:
+    """``divmerge-pl merge``: one method on the run of ``cli_args`` (``fit``'s options)."""
+    return run_method(method, cli_args, method_args(settings))
 
 
-def compare_main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="divmerge-pl compare",
-        description="Run several methods on the same experts and data and tabulate their reports. "
-        "Other options (--config, --trainer.*, ...) are those of `fit`.",
-    )
-    parser.add_argument(
-        "--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})"
-    )
-    parser.add_argument(
-        "--output_dir", default="runs/compare", help="comparison.{json,md,png} and a run per method"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier comparison in output_dir"
-    )
-    parser.add_argument(
-        "--method_args",
-        default=None,
-        help="per method, its settings to override, as YAML/JSON or a YAML file: "
-        "'{adamerging_layer: {lr: 0.005}, ties: {density: 0.1}}'",
-    )
-    ours, rest = parser.parse_known_args(argv)
-    methods = [m.strip() for m in ours.methods.split(",") if m.strip()]
-    settings = method_args(ours.method_args)
-    unknown = sorted(set(settings) - set(methods))
+def compare(
+    cli_args: list[str],
+    methods: list[str] | str = DEFAULT_METHODS,
+    output_dir: str | Path = "runs/compare",
+    overwrite: bool = False,
+    settings: dict[str, Any] | str | None = None,
+) -> dict:
+    """``divmerge-pl compare``: every method of ``methods`` on the same experts and data (rows
+    read and tokenised once), a run per method under ``output_dir`` and their reports tabulated."""
+    names = method_names(methods)
+    per_method = method_args(settings)
+    unknown = sorted(set(per_method) - set(names))
     if unknown:
-        raise ValueError(f"--method_args names {unknown}, which are not among --methods {methods}")
-    for method in methods:
-        get_method(method, settings.get(method))  # every name and setting checked before the first run
-    out = Path(ours.output_dir).expanduser()
+        raise ValueError(f"--method_args names {unknown}, which are not among --methods {names}")
+    for name in names:
+        get_method(name, per_method.get(name))  # every name and setting checked before the first run
+    out = Path(output_dir).expanduser()
     taken = [n for n in ("comparison.json", "comparison.md", "comparison.png") if (out / n).exists()]
-    if taken and not ours.overwrite:
+    if taken and not overwrite:
         raise FileExistsError(
-            f"{str(out)!r} already holds {', '.join(taken)}; pass --overwrite or another --output_dir"
+            f"{str(out)!r} already holds {', '.join(taken)}; pass --overwrite true or another --output_dir"
         )
     results, runs, seconds = {}, {}, {}
-    data = shared_datamodule(rest, out)
-    for method in methods:
-        rank_zero_info(f"compare: running {method}")
+    data = shared_datamodule(cli_args, out)
+    for name in names:
+        rank_zero_info(f"compare: running {name}")
         start = time.perf_counter()
         folder = run_method(
-            method,
-            [*rest, f"--trainer.default_root_dir={out / method}"],
-            settings.get(method),
+            name,
+            [*cli_args, f"--trainer.default_root_dir={out / name}"],
+            per_method.get(name),
             datamodule=data,
         )
-        seconds[method] = round(time.perf_counter() - start, 2)
-        runs[method] = str(folder)
-        results[method] = json.loads((folder / "report.json").read_text())
+        seconds[name] = round(time.perf_counter() - start, 2)
+        runs[name] = str(folder)
+        results[name] = json.loads((folder / "report.json").read_text())
     comparison = {"methods": results, "runs": runs, "seconds": seconds}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", comparison)
@@ -178,6 +140,12 @@ def compare_main(argv: list[str]) -> dict:
     comparison_bars(results, out / "comparison.png")
     print(comparison_table(results))
     return comparison
+
+
+def method_names(methods: list[str] | str) -> list[str]:
+    """``--methods``: a list, or names separated by commas."""
+    given = methods.split(",") if isinstance(methods, str) else methods
+    return [m.strip() for m in given if m.strip()]
 
 
 def comparison_table(results: dict[str, dict]) -> str:

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from .hub import local_or_snapshot
 from .metrics import ANSWER_METRICS, MetricName
+from .quiet import follow_trainer
 from .sources import (
     DatasetSource,
     Files,
@@ -238,6 +239,7 @@ class MergeDataModule(L.LightningDataModule):
         return labels
 
     def setup(self, stage: str) -> None:
+        follow_trainer(self.trainer)  # tokenising bars only where the Trainer shows its own
         if self.train_rows is not None:
             return
         if self.tokenizer_path is None:

@@ -39,6 +39,7 @@ from .merged import (
 from .methods import StaticMethod, learned_name
 from .metrics import TaskScores, build_report
 from .on_demand import MakeTensor, merged_on_demand
+from .quiet import follow_trainer, show_progress
 from .resume import merge_settings, saved_settings, settings_differences, settings_error
 from .selection import choose_on_validation
 from .static_merges import StaticMerge, dare_task_vectors, ties_task_vectors
@@ -282,6 +283,7 @@ class DivMergeModule(L.LightningModule):
                     _check_labels(task, labels, int(checked.configs[task].num_labels))
 
     def setup(self, stage: str) -> None:
+        follow_trainer(self.trainer)  # weights are loaded and written with the Trainer's bars or none
         check_strategy(self.trainer.strategy)
         dm = self._datamodule()  # task names checked before any model is loaded
         self.load_experts()
@@ -542,7 +544,7 @@ class DivMergeModule(L.LightningModule):
         lengths = torch.zeros(size, dtype=torch.long)
         logprobs: Tensor | None = None  # sized by the first task's targets (k may exceed the vocab)
         top_ids: Tensor | None = None
-        show = self.trainer.is_global_zero
+        show = show_progress(self.trainer)
         for dm_id, name in enumerate(dm.task_names):
             t = order[dm_id]
             train = _rows_of(dm.train_rows, dm_id)
@@ -601,8 +603,12 @@ class DivMergeModule(L.LightningModule):
                 with self._on_demand(make):
                     return forward_logits(self.frozen.skeleton, head, inputs)
 
-        show = self.trainer.is_global_zero
-        return self._across_ranks(dm, rows, partial(compute_logprobs, forward, desc=desc, show_progress=show))
+        show = show_progress(self.trainer)
+
+        def logprobs(batches: DataLoader) -> Tensor:
+            return compute_logprobs(forward, batches, desc, show)
+
+        return self._across_ranks(dm, rows, logprobs)
 
     def _across_ranks(self, dm: MergeDataModule, rows: Dataset, compute: Callable[[DataLoader], Any]) -> Any:
         """``compute`` over ``rows``' batches (a tensor or a dict of tensors, a row each), each of the W
@@ -878,7 +884,7 @@ class DivMergeModule(L.LightningModule):
                     with self._low_rank(t):
                         generated = expert_generations(
                             self.frozen.skeleton, tensors, dm.ordered_dataloader(rows), width, eos, pad,
-                            f"expert {name}: validation", self.trainer.is_global_zero,
+                            f"expert {name}: validation", show_progress(self.trainer),
                         )  # fmt: skip
                     outputs = {"answer_ids": generated["answer_ids"]}
                 else:
