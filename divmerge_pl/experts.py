@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,8 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
-from .preflight import ExpertMismatchError, TaskKind, check_models, tied_alias_names
+from .lora import LowRankStack, adapter_folders, check_with_adapters, read_lora_experts
+from .preflight import ExpertMismatchError, TaskKind, tied_alias_names
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class LoadedExperts:
     configs: dict[str, PretrainedConfig]  # task -> its expert's config (labels, head size)
     paths: dict[str, Path]  # "base" and every task -> folder
     fingerprints: dict[str, str]  # "base" and every task -> content hash
+    low_rank: dict[str, LowRankStack] = field(default_factory=dict)  # LoRA experts' factors per target
 
 
 def head_names(model: torch.nn.Module, kind: TaskKind) -> set[str]:
@@ -133,7 +135,8 @@ def load_experts(
     expert model (a checkpoint in another layout falls back to loading that one expert whole).
     Pickled weights (``.bin``) are refused unless ``allow_pickle``: loading them can run code.
     """
-    checked = check_models(base, experts, allow_pickle)
+    checked = check_with_adapters(base, experts, allow_pickle)
+    adapters = adapter_folders(experts)  # LoRA experts: read below, kept as their factors
     paths, configs, kind = dict(checked.paths), checked.configs, checked.kind
     tasks = tuple(experts)
     first = tasks[0]
@@ -142,7 +145,8 @@ def load_experts(
 
     # The base in the experts' architecture: its backbone is theta0, its own head is unused.
     safe = {"use_safetensors": None if allow_pickle else True}
-    skeleton, info = _load(cls, paths["base"], "model.base", config=configs[first], **safe)
+    skeleton_config = configs.get(first, checked.base_config)  # an adapter's: the base's own
+    skeleton, info = _load(cls, paths["base"], "model.base", config=skeleton_config, **safe)
     heads = head_names(skeleton, kind)
     base_state = {n: p.detach() for n, p in skeleton.named_parameters()}
     missing = sorted(n for n in info["missing_keys"] if n not in heads)
@@ -163,6 +167,8 @@ def load_experts(
     on_disk = set(skeleton.state_dict()) - set(tied_alias_names(skeleton))
     for t, task in enumerate(tasks):
         _check_tokenizer(task, paths[task], paths["base"])
+        if task in adapters:
+            continue
         files = safetensors_files(paths[task], on_disk)
         if files is None:
             read = _load_expert_whole(cls, paths[task], task, **safe).__getitem__
@@ -176,23 +182,37 @@ def load_experts(
             if name in heads:  # a copy: a view would keep the whole mapped file alive
                 task_heads.setdefault(task, {})[name] = tensor.clone()
                 continue
-            if not torch.equal(tensor, base_state[name]):  # no temporary difference tensor
-                if name not in task_vectors:
-                    task_vectors[name] = torch.zeros((len(tasks), *tensor.shape), dtype=vector_dtype)
-                torch.sub(tensor, base_state[name], out=task_vectors[name][t])
+            _add_task_vector(task_vectors, name, t, tensor, base_state[name], len(tasks), vector_dtype)
         fingerprints[task] = digest.hexdigest()
         task_heads.setdefault(task, {})
+    lora = read_lora_experts(skeleton, kind, tasks, adapters, heads, allow_pickle)
+    for task in adapters:  # tensors an adapter saves whole (modules_to_save) merge as dense vectors
+        t = tasks.index(task)
+        for name, tensor in lora.full[task].items():
+            _add_task_vector(task_vectors, name, t, tensor, base_state[name], len(tasks), vector_dtype)
+    task_heads.update(lora.heads)
+    configs.update(lora.configs)
+    fingerprints.update(lora.fingerprints)
     task_vectors = {n: task_vectors[n] for n in merged_names if n in task_vectors}  # model order
     return LoadedExperts(
         kind=kind,
         skeleton=skeleton,
         tasks=tasks,
         task_vectors=task_vectors,
-        heads=task_heads,
+        heads={task: task_heads[task] for task in tasks},
         configs=configs,
         paths=paths,
         fingerprints=fingerprints,
+        low_rank=lora.stacks,
     )
+
+
+def _add_task_vector(task_vectors, name, t, tensor, base, num_tasks, dtype) -> None:
+    """Task ``t``'s ``tensor - base`` into the stack of ``name`` (created when first needed)."""
+    if not torch.equal(tensor, base):  # no temporary difference tensor
+        if name not in task_vectors:
+            task_vectors[name] = torch.zeros((num_tasks, *tensor.shape), dtype=dtype)
+        torch.sub(tensor, base, out=task_vectors[name][t])
 
 
 def _check_finite(role: str, state: dict[str, Tensor]) -> None:

@@ -25,6 +25,7 @@ from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, init
 from .data import MODEL_INPUTS, MergeDataModule
 from .divergences import coarsen, combine_tasks, get_objective, relative_weights, sharpen
 from .experts import KIND_CLASS, LoadedExperts, load_experts
+from .lora import LowRankExperts, check_with_adapters, low_rank_added, merged_weight
 from .merged import (
     build_model,
     expert_tensor,
@@ -38,7 +39,6 @@ from .merged import (
 from .methods import StaticMethod, learned_name
 from .metrics import TaskScores, build_report
 from .on_demand import MakeTensor, merged_on_demand
-from .preflight import check_models
 from .quiet import follow_trainer, show_progress
 from .resume import merge_settings, saved_settings, settings_differences, settings_error
 from .selection import choose_on_validation
@@ -64,6 +64,7 @@ class FrozenExperts(nn.Module):
         for i, stacked in enumerate(loaded.task_vectors.values()):
             self.register_buffer(f"tau_{i}", stacked.to(vector_dtype), persistent=False)
         self.merge_source = "raw"  # which vectors the merge combines: raw, processed or static
+        self.low_rank = LowRankExperts(loaded.low_rank, vector_dtype)  # LoRA experts, as factors
         self.head_names = [list(h) for h in loaded.heads.values()]
         for t, head in enumerate(loaded.heads.values()):
             for j, tensor in enumerate(head.values()):
@@ -77,6 +78,13 @@ class FrozenExperts(nn.Module):
     def base_tensors(self) -> dict[str, Tensor]:
         params = dict(self.skeleton.named_parameters())
         return {name: params[name] for name in self.names}
+
+    def merged_names(self) -> list[str]:
+        """Every merged tensor, dense or low-rank (LoRA targets), in model order."""
+        merged = set(self.names) | set(self.low_rank.names)
+        if len(merged) == len(self.names):
+            return list(self.names)
+        return [name for name, _ in self.skeleton.named_parameters() if name in merged]
 
     def task_vectors(self) -> dict[str, Tensor]:
         """The experts' own task vectors (teachers and expert scores always use these)."""
@@ -264,7 +272,8 @@ class DivMergeModule(L.LightningModule):
     def prepare_data(self) -> None:
         # before the datamodule reads and tokenises anything: paths, configs, weight formats and
         # tensor shapes (safetensors headers) fail in a second, not after the data is ready
-        checked = check_models(self.hparams.base, dict(self.hparams.experts), self.hparams.allow_pickle)
+        hp = self.hparams
+        checked = check_with_adapters(hp.base, dict(hp.experts), hp.allow_pickle)
         # class ids are read (not tokenised) here too: a label outside an expert's head is refused
         # before the logger or SaveConfigCallback write their folders in setup
         dm = getattr(self.trainer, "datamodule", None)
@@ -297,6 +306,11 @@ class DivMergeModule(L.LightningModule):
             self.hparams.base, dict(self.hparams.experts), dtype, allow_pickle=self.hparams.allow_pickle
         )
         self.frozen = FrozenExperts(loaded, dtype)
+        if self.frozen.low_rank.names and self.hparams.task_vector_transform != "none":
+            raise ValueError(
+                f"model.task_vector_transform {self.hparams.task_vector_transform!r} is not supported with "
+                "LoRA experts yet (it would need their dense task vectors); use none"
+            )
         if self.static_merge is not None:
             self.set_static_merge(self.static_merge)
         elif self.hparams.task_vector_transform == "ties":
@@ -307,7 +321,9 @@ class DivMergeModule(L.LightningModule):
                 loaded.task_vectors, self.hparams.drop_rate, self.hparams.transform_seed
             )
             self.frozen.set_merge_vectors(vectors)
-        self.layout = build_layout(self.frozen.names, self.hparams.granularity, self.hparams.block_pattern)
+        self.layout = build_layout(
+            self.frozen.merged_names(), self.hparams.granularity, self.hparams.block_pattern
+        )
         self.coefficients = nn.Parameter(
             initial_coefficients(len(self.tasks), self.layout.num_groups, self.hparams.init)
         )
@@ -316,7 +332,7 @@ class DivMergeModule(L.LightningModule):
         total = sum(p.numel() for p in self.frozen.skeleton.parameters())
         rank_zero_info(
             f"DivMerge: {len(self.tasks)} experts ({loaded.kind}); merging "
-            f"{len(self.frozen.names)} tensors ({merged / 1e6:.2f}M of {total / 1e6:.2f}M "
+            f"{len(self.frozen.merged_names())} tensors ({merged / 1e6:.2f}M dense of {total / 1e6:.2f}M "
             f"parameters; tensors equal in base and every expert stay the base's), "
             f"{self.layout.num_groups} coefficient group(s) per task ({self.hparams.granularity})"
         )
@@ -331,6 +347,11 @@ class DivMergeModule(L.LightningModule):
     def set_static_merge(self, merge: StaticMerge) -> None:
         """Apply ``merge`` (now if the experts are loaded, else when they are); scores of an
         earlier merge are forgotten."""
+        if self.frozen is not None and self.frozen.low_rank.names:
+            raise ValueError(
+                "training-free merges are not supported with LoRA experts yet (they combine dense task "
+                "vectors); learn the coefficients with fit instead"
+            )
         self.static_merge = merge
         self.last_merged_scores = None
         if self.frozen is not None:
@@ -533,16 +554,18 @@ class DivMergeModule(L.LightningModule):
             if outputs is None:
                 tensors = expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t)
                 model = self.frozen.skeleton
-                targets = self._across_ranks(dm, train, partial(
-                    answer_targets, model, tensors, max_new_tokens=width, eos_id=eos, pad_id=pad,
-                    top_k=top_k, desc=f"expert {name}: answers", show_progress=show,
-                ))  # fmt: skip
+                with self._low_rank(t):
+                    targets = self._across_ranks(dm, train, partial(
+                        answer_targets, model, tensors, max_new_tokens=width, eos_id=eos, pad_id=pad,
+                        top_k=top_k, desc=f"expert {name}: answers", show_progress=show,
+                    ))  # fmt: skip
                 outputs = {f"train_{k}": v for k, v in targets.items()}
                 if evals is not None:
-                    generated = self._across_ranks(dm, evals, partial(
-                        expert_generations, model, tensors, max_new_tokens=width, eos_id=eos,
-                        pad_id=pad, desc=f"expert {name}: eval", show_progress=show,
-                    ))  # fmt: skip
+                    with self._low_rank(t):
+                        generated = self._across_ranks(dm, evals, partial(
+                            expert_generations, model, tensors, max_new_tokens=width, eos_id=eos,
+                            pad_id=pad, desc=f"expert {name}: eval", show_progress=show,
+                        ))  # fmt: skip
                     outputs.update({f"eval_{k}": v for k, v in generated.items()})
                 if self.trainer.is_global_zero:
                     cache.save(key, outputs)
@@ -574,10 +597,11 @@ class DivMergeModule(L.LightningModule):
 
         def forward(batch: dict[str, Tensor]) -> Tensor:
             inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-            if eager:
-                return forward_logits(self.frozen.skeleton, {**eager, **head}, inputs)
-            with self._on_demand(make):
-                return forward_logits(self.frozen.skeleton, head, inputs)
+            with self._low_rank(t):
+                if eager:
+                    return forward_logits(self.frozen.skeleton, {**eager, **head}, inputs)
+                with self._on_demand(make):
+                    return forward_logits(self.frozen.skeleton, head, inputs)
 
         show = show_progress(self.trainer)
 
@@ -624,6 +648,18 @@ class DivMergeModule(L.LightningModule):
     def _on_demand(self, make: MakeTensor):
         return merged_on_demand(self.frozen.skeleton, make, self.frozen.names)
 
+    def _low_rank(self, task_index: int | None = None):
+        """Forwards inside add the LoRA experts' low-rank merge to their target layers' outputs
+        (``lora.low_rank_added``; nothing without LoRA experts): at the current coefficients, or
+        expert ``task_index``'s own."""
+        stacks = self.frozen.low_rank.stacks()
+        if task_index is not None:
+            own = torch.zeros(len(self.tasks), device=self.device)
+            own[task_index] = 1.0
+            return low_rank_added(self.frozen.skeleton, stacks, lambda _name: own)
+        gamma, group = self.merge_coefficients(), self.layout.group_of
+        return low_rank_added(self.frozen.skeleton, stacks, lambda name: gamma[:, group[name]])
+
     @torch.no_grad()
     def _on_demand_works(self, dm: MergeDataModule) -> bool:
         """Whether merging module by module suits this model: a few rows' logits come out
@@ -632,7 +668,7 @@ class DivMergeModule(L.LightningModule):
             return False
         batch = next(iter(dm.ordered_dataloader(dm.train_rows)))
         inputs = {k: batch[k][:4].to(self.device) for k in MODEL_INPUTS if k in batch}
-        with self._on_demand(self._merge_at_coefficients()):
+        with self._on_demand(self._merge_at_coefficients()), self._low_rank():
             logits = forward_logits(self.frozen.skeleton, self.frozen.head(0), inputs)
         if bool(torch.isfinite(logits).all()):
             return True
@@ -668,10 +704,11 @@ class DivMergeModule(L.LightningModule):
 
     def _training_divergences(self, batch: dict[str, Tensor]):
         """``(task, objective per row)``, merged on demand when this model allows it."""
-        if self._on_demand_ok:
-            with self._on_demand(self._merge_at_coefficients()):
-                return self._row_divergences({}, batch)
-        return self._row_divergences(self.merged_tensors(), batch)
+        with self._low_rank():
+            if self._on_demand_ok:
+                with self._on_demand(self._merge_at_coefficients()):
+                    return self._row_divergences({}, batch)
+            return self._row_divergences(self.merged_tensors(), batch)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         name = self.hparams.objective
@@ -751,6 +788,10 @@ class DivMergeModule(L.LightningModule):
         self._score_batch(batch, self.val_scores)
 
     def _score_batch(self, batch: dict[str, Tensor], scores: TaskScores) -> None:
+        with self._low_rank():
+            self._score_merged_batch(batch, scores)
+
+    def _score_merged_batch(self, batch: dict[str, Tensor], scores: TaskScores) -> None:
         if self.generative:
             tokenizer = self._datamodule().tokenizer
             with swapped_weights(self.frozen.skeleton, self._eval_tensors) as model:
@@ -840,10 +881,11 @@ class DivMergeModule(L.LightningModule):
             if outputs is None:
                 if self.generative:
                     tensors = expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t)
-                    generated = expert_generations(
-                        self.frozen.skeleton, tensors, dm.ordered_dataloader(rows), width, eos, pad,
-                        f"expert {name}: validation", show_progress(self.trainer),
-                    )  # fmt: skip
+                    with self._low_rank(t):
+                        generated = expert_generations(
+                            self.frozen.skeleton, tensors, dm.ordered_dataloader(rows), width, eos, pad,
+                            f"expert {name}: validation", show_progress(self.trainer),
+                        )  # fmt: skip
                     outputs = {"answer_ids": generated["answer_ids"]}
                 else:
                     _check_labels(name, rows["labels"], self.frozen.num_classes(t))
@@ -883,6 +925,7 @@ class DivMergeModule(L.LightningModule):
         """Yield (folder inside ``merged/``, plain ``transformers`` model): per task, the merged
         backbone + that task's head; for causal LMs the one merged model, in ``merged/`` itself."""
         merged = self.merged_tensors()
+        merged.update(self._low_rank_merged_weights(merged))
         if self.generative:
             config = self.frozen.configs[self.tasks[0]]
             yield "", build_model(self.frozen.skeleton, merged, config, KIND_CLASS["causal_lm"])
@@ -890,6 +933,17 @@ class DivMergeModule(L.LightningModule):
         for t, task in enumerate(self.tasks):
             tensors = {**merged, **self.frozen.head(t)}
             yield task, build_model(self.frozen.skeleton, tensors, self.frozen.configs[task])
+
+    def _low_rank_merged_weights(self, dense: dict[str, Tensor]) -> dict[str, Tensor]:
+        """LoRA targets' dense merged weights, ``W + sum_t Gamma_t s_t B_t A_t`` over the ``dense``
+        merge ``W`` (or the base's): for export only, the merge itself never forms them."""
+        stacks = self.frozen.low_rank.stacks()
+        params = dict(self.frozen.skeleton.named_parameters())
+        gamma, group = self.merge_coefficients(), self.layout.group_of
+        return {
+            name: merged_weight(dense.get(name, params[name]), stack, gamma[:, group[name]])
+            for name, stack in stacks.items()
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprints(self) -> dict[str, str]:
