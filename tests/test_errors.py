@@ -223,11 +223,11 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(tiny, monkeypa
     saved = []
     real = export.save_model
 
-    def save_then_fail(model, folder, tokenizer=None):
+    def save_then_fail(model, folder, *args, **kwargs):
         if saved:
             raise OSError("disk full")
         saved.append(folder)
-        real(model, folder, tokenizer)
+        real(model, folder, *args, **kwargs)
 
     monkeypatch.setattr(export, "save_model", save_then_fail)
     out = tiny.root / "out"
