@@ -69,7 +69,7 @@ def count_teacher_rows() -> tuple[list[int], callable]:
     rows: list[int] = []
     real = module_file.compute_logprobs
 
-    def counting(forward, batches, desc, show=True):
+    def counting(forward, batches, desc, show=True):  # as DivMergeModule calls it
         out = real(forward, batches, desc, show)
         rows.append(out.shape[0])
         return out
@@ -78,9 +78,16 @@ def count_teacher_rows() -> tuple[list[int], callable]:
     return rows, lambda: setattr(module_file, "compute_logprobs", real)
 
 
-# (granularity, merge_on_demand): the default at both granularities, and the whole merged copy it
-# replaced, so the cost of rebuilding each module's weights for backward is measured in the same run
-VARIANTS = [("task", True), ("layer", True), ("layer", False)]
+# (granularity, merge_on_demand, other options): the default at both granularities, the whole
+# merged copy it replaced (so the cost of rebuilding each module's weights for backward is measured
+# in the same run), and the "Beyond the paper" variants at layer granularity
+VARIANTS = [
+    ("task", True, {}),
+    ("layer", True, {}),
+    ("layer", False, {}),
+    ("layer", True, {"task_weighting": "relative"}),
+    ("layer", True, {"teacher_temperature": 0.5}),
+]
 
 
 def main() -> None:
@@ -98,11 +105,11 @@ def main() -> None:
         with gpu_peak() as plain_peak:
             trainer(args.steps, timer, args.precision).fit(plain, datamodule=data)
         plain_s = timer.fastest()
-        for granularity, on_demand in VARIANTS:
+        for granularity, on_demand, options in VARIANTS:
             timer = StepTimer()
             module = DivMergeModule(
                 setup["base"], setup["experts"], granularity=granularity, teacher_cache=None,
-                merge_on_demand=on_demand,
+                merge_on_demand=on_demand, **options,
             )  # fmt: skip
             data = datamodule(setup, batch, args.length)
             with gpu_peak() as peak:
@@ -113,6 +120,7 @@ def main() -> None:
                     "tasks": n,
                     "granularity": granularity,
                     "merge_on_demand": on_demand,
+                    "options": options,
                     "batch": batch,
                     "length": args.length,
                     "precision": args.precision,
@@ -125,7 +133,7 @@ def main() -> None:
                 }
             )
             print(
-                f"N={n} {granularity:5s} on demand {on_demand!s:5s} plain {plain_s:.3f}s "
+                f"N={n} {granularity:5s} on demand {on_demand!s:5s} {options or ''} plain {plain_s:.3f}s "
                 f"divmerge {step_s:.3f}s ratio {step_s / plain_s:.2f}"
                 + (f" peak GPU {plain_peak['mib']:.0f} / {peak['mib']:.0f} MiB" if peak else "")
             )
@@ -149,13 +157,15 @@ def main() -> None:
 
     print()
     print(
-        "| N | granularity | merged weights | batch | plain fwd+bwd (s) | DivMerge step (s) "
+        "| N | granularity | merged weights | variant | batch | plain fwd+bwd (s) | DivMerge step (s) "
         "| ratio | target |"
     )
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
+        variant = ", ".join(f"{k}: {v}" for k, v in r["options"].items()) or "the paper's"
         print(
             f"| {r['tasks']} | {r['granularity']} | {'per module' if r['merge_on_demand'] else 'whole copy'} "
+            f"| {variant} "
             f"| {r['batch']} | {r['plain_step_s']:.3f} | "
             f"{r['divmerge_step_s']:.3f} | {r['ratio']:.2f} | <= {r['target']} |"
         )

@@ -8,18 +8,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .coefficients import Granularity
 from .data import MergeDataModule
-from .export import check_free, print_report, write_outputs
+from .export import (
+    ExportDtype,
+    check_can_push,
+    check_free,
+    check_repo_ids,
+    export_dtype,
+    hub_repo_ids,
+    print_report,
+    push_folders,
+    write_outputs,
+)
+from .hub import local_or_snapshot
+from .model_card import MergeFacts, model_card
 from .module import DivMergeModule
-from .plots import coefficient_heatmap, divergence_curves
+from .plots import close_figure, coefficient_figure, divergence_figure, save_figure
+from .run_outputs import log_figure, shared_run_folder
 from .teachers import DEFAULT_CACHE
 
 
@@ -32,7 +47,11 @@ def _divmerge(pl_module: L.LightningModule, callback: L.Callback) -> DivMergeMod
 class CoefficientMonitor(L.Callback):
     """Watch the optimisation: log each task's coefficient mean/min/max every step, and at the
     end print a table of them and write ``coefficients.png`` (tasks x groups heatmap) and
-    ``divergence.png`` (each task's objective against the step) into the run's log directory."""
+    ``divergence.png`` (each task's objective against the step) into the run's folder; the
+    figures also go to every logger that takes images (TensorBoard, W&B, MLflow).
+
+    A run with fewer steps than the Trainer's ``log_every_n_steps`` (50 unless set) would log
+    no step at all: such a run logs every step instead."""
 
     def __init__(self, log_stats: bool = True, table: bool = True, plots: bool = True) -> None:
         """
@@ -45,6 +64,15 @@ class CoefficientMonitor(L.Callback):
         self.table = table
         self.plots = plots
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps = trainer.estimated_stepping_batches
+        if trainer.loggers and 0 < steps < trainer.log_every_n_steps:
+            rank_zero_info(
+                f"CoefficientMonitor: the run has {int(steps)} step(s), fewer than "
+                f"log_every_n_steps={trainer.log_every_n_steps}: logging every step"
+            )
+            trainer.log_every_n_steps = 1
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -64,20 +92,25 @@ class CoefficientMonitor(L.Callback):
                 self.history[task].append((trainer.global_step, float(value)))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: it broadcasts
-        self._report(folder, _divmerge(pl_module, self))
+        folder = shared_run_folder(trainer)  # on every rank: it broadcasts
+        self._report(folder, _divmerge(pl_module, self), trainer.loggers, trainer.global_step)
 
     @rank_zero_only
-    def _report(self, folder: Path, module: DivMergeModule) -> None:
+    def _report(self, folder: Path, module: DivMergeModule, loggers: list[Logger], step: int) -> None:
         coefficients = module.coefficient_table()
         if coefficients is None:
             return
         if self.table:
             print_coefficients(coefficients)
-        if self.plots:
-            coefficient_heatmap(coefficients, folder / "coefficients.png")
-            if self.history:
-                divergence_curves(self.history, module.hparams.objective, folder / "divergence.png")
+        if not self.plots:
+            return
+        figures = {"coefficients": coefficient_figure(coefficients)}
+        if self.history:
+            figures["divergence"] = divergence_figure(self.history, module.hparams.objective)
+        for name, figure in figures.items():
+            png = save_figure(figure, folder / f"{name}.png")
+            log_figure(loggers, name, figure, png, step)
+            close_figure(figure)
 
 
 def print_coefficients(coefficients: dict, console: Console | None = None) -> None:
@@ -92,31 +125,68 @@ def print_coefficients(coefficients: dict, console: Console | None = None) -> No
 
 
 class MergedModelExport(L.Callback):
-    """At the end of ``fit``: write ``merged/``, ``coefficients.json`` and ``report.json`` into
-    the run's log directory (or ``dirpath``) and print the report table."""
+    """At the end of ``fit``: write ``merged/`` (each folder with its model card),
+    ``coefficients.json`` and ``report.json`` into the run's folder (or ``dirpath``), print the
+    report table, and publish the merged folders to the Hub if asked."""
 
     def __init__(
-        self, dirpath: str | None = None, overwrite: bool = False, save_weights: bool = True
+        self,
+        dirpath: str | None = None,
+        overwrite: bool = False,
+        save_weights: bool = True,
+        dtype: ExportDtype | None = None,
+        max_shard_size: str | int | None = None,
+        push_to_hub: str | None = None,
+        hub_private: bool = True,
     ) -> None:
         """
         Args:
-            dirpath: where to write; None means the trainer's ``log_dir``.
+            dirpath: where to write; None means the run's own folder (the first logger's
+                versioned folder, where ``checkpoints/`` goes, or ``default_root_dir``).
             overwrite: replace the outputs of an earlier run in the same folder.
             save_weights: write ``merged/`` (one whole model per task). False keeps the report and
                 coefficients only: for sweeps that score many merges, where k tasks' weights on
                 disk for every run add up to tens of GB.
+            dtype: the weights' dtype in ``merged/``; None: the experts' own (float32 if they differ).
+            max_shard_size: split each model's weights into shards of at most this size (``"2GB"``,
+                or bytes), with an index, as ``save_pretrained`` does.
+            push_to_hub: a Hub repo id (``"you/merged"``), or a pattern with ``{task}``
+                (``"you/merged-{task}"``) for one repository per task head; each merged folder is
+                uploaded with its model card (your Hugging Face token, e.g. ``HF_TOKEN``).
+            hub_private: create missing repositories as private.
         """
         self.dirpath = dirpath
         self.overwrite = overwrite
         self.save_weights = save_weights
+        self.dtype = dtype
+        self.max_shard_size = max_shard_size
+        self.push_to_hub = push_to_hub
+        self.hub_private = hub_private
+        if push_to_hub is not None and not save_weights:
+            raise ValueError(
+                "export.push_to_hub needs export.save_weights: true (there is nothing to upload)"
+            )
 
     def folder(self, trainer: L.Trainer) -> Path:
-        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir).expanduser()
+        """Call on every rank (the run's folder is broadcast from rank 0)."""
+        if self.dirpath is not None:
+            return Path(self.dirpath).expanduser()
+        return shared_run_folder(trainer)
+
+    def repo_ids(self, module: DivMergeModule) -> dict[str, str]:
+        """Folder name inside ``merged/`` -> its Hub repository (empty without push_to_hub)."""
+        if self.push_to_hub is None:
+            return {}
+        repo_ids = hub_repo_ids(self.push_to_hub, module.tasks, one_model=module.generative)
+        check_repo_ids(repo_ids)
+        check_can_push()
+        return repo_ids
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        folder = self.folder(trainer)  # on every rank: trainer.log_dir broadcasts
+        folder = self.folder(trainer)  # on every rank: it broadcasts
         if trainer.is_global_zero:
             check_free(folder, self.overwrite)  # fail now, not after the run
+            self.repo_ids(_divmerge(pl_module, self))  # a bad repo id too
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = _divmerge(pl_module, self)
@@ -126,23 +196,59 @@ class MergedModelExport(L.Callback):
 
     def export(self, trainer: L.Trainer, module: DivMergeModule) -> Path:
         """Write every output of ``module``'s current merge (rank 0); also used by ``divmerge-pl merge``."""
-        folder = self.folder(trainer)  # on every rank: trainer.log_dir broadcasts
-        self._write(folder, module)
+        folder = self.folder(trainer)  # on every rank: it broadcasts
+        self._write(folder, module, run_recipe(trainer, module))
         return folder
 
     @rank_zero_only
-    def _write(self, folder: Path, module: DivMergeModule) -> None:
+    def _write(self, folder: Path, module: DivMergeModule, recipe: str) -> None:
         report = module.evaluate()
-        tokenizer = AutoTokenizer.from_pretrained(module.frozen.paths["base"])
-        write_outputs(
+        frozen = module.frozen
+        tokenizer = AutoTokenizer.from_pretrained(frozen.paths["base"])
+        facts = MergeFacts(
+            base=str(frozen.paths["base"]),
+            experts={t: str(frozen.paths[t]) for t in module.tasks},
+            report=report,
+            recipe=recipe,
+            model_class="AutoModelForCausalLM" if module.generative else "AutoModelForSequenceClassification",
+            dtype=export_dtype(self.dtype, frozen.configs, frozen.paths),
+            generative=module.generative,
+        )
+        repo_ids = self.repo_ids(module)
+
+        def card(task: str):
+            location = repo_ids.get(task) or str(Path("merged") / task)
+            return model_card(facts, task or None, location)
+
+        written = write_outputs(
             folder,
             module.merged_models() if self.save_weights else None,
             module.coefficient_table(),
             report,
             tokenizer=tokenizer,
             overwrite=self.overwrite,
+            dtype=facts.dtype,
+            max_shard_size=self.max_shard_size,
+            card=card,
         )
         print_report(report, title=f"{report['method']} -> {folder}")
+        if repo_ids:
+            for task, url in push_folders(written, repo_ids, self.hub_private).items():
+                rank_zero_info(f"merged/{task}: published to {repo_ids[task]} ({url})")
+
+
+def run_recipe(trainer: L.Trainer, module: DivMergeModule) -> str:
+    """The YAML that makes this run again: LightningCLI's resolved config when the run has one
+    (what its config.yaml holds), else the module's settings alone."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            return callback.parser.dump(callback.config, skip_none=False)
+    cls = type(module)
+    model = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(module.hparams)}
+    return (
+        yaml.safe_dump({"model": model, "trainer": {"max_epochs": trainer.max_epochs}}, sort_keys=False)
+        + "# data: not recorded (this run was not made by LightningCLI)\n"
+    )
 
 
 class MergeOnFitEnd(L.Callback):
@@ -233,8 +339,9 @@ class MergeOnFitEnd(L.Callback):
         device, with the progress bar, logging and precision of ``trainer`` (the user's own
         run, when called from it); returns ``output_dir``."""
         model.save_pretrained(self.expert_dir)
+        base = local_or_snapshot(self.base, "MergeOnFitEnd base")  # a folder, or a Hub id's snapshot
         try:
-            AutoTokenizer.from_pretrained(Path(self.base).expanduser()).save_pretrained(self.expert_dir)
+            AutoTokenizer.from_pretrained(base).save_pretrained(self.expert_dir)
         except (OSError, ValueError):  # a base folder without a tokenizer: the expert has none either
             pass
         module = DivMergeModule(
@@ -252,6 +359,7 @@ class MergeOnFitEnd(L.Callback):
             devices=1,
             precision=trainer.precision if trainer is not None else "32-true",
             logger=CSVLogger(self.output_dir, name="divmerge") if logs else False,
+            default_root_dir=self.output_dir,  # without a logger the figures land here, not in the cwd
             callbacks=[
                 MergedModelExport(dirpath=str(self.output_dir), overwrite=self.overwrite),
                 CoefficientMonitor(),

@@ -183,8 +183,6 @@ def console() -> None:
 def main(args: list[str] | None = None) -> Any:
     """Run ``divmerge-pl`` on ``args`` (the process's arguments when None); returns what merge
     (the run's folder) or compare (the comparison) returns, else the CLI."""
-    # The model hub is never needed: every model is a local folder.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     filter_notices()
     cli = build_cli(args)  # None: LightningCLI reads sys.argv itself
     return getattr(cli, "result", cli)

@@ -7,8 +7,6 @@ module, not by the data pipeline).
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import string
 from dataclasses import dataclass, field
@@ -17,17 +15,27 @@ from typing import Any
 
 import lightning as L
 import torch
-from datasets import Dataset, concatenate_datasets, load_dataset
+from datasets import Dataset, concatenate_datasets
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer
 from typing_extensions import override
 
+from .hub import local_or_snapshot
 from .metrics import ANSWER_METRICS, MetricName
 from .quiet import follow_trainer
+from .sources import (
+    DatasetSource,
+    Files,
+    OpenedDataset,
+    as_source,
+    check_paths,
+    open_dataset,
+    peek_columns,  # noqa: F401 (public: the columns of one data file)
+    read_paths,
+)
 
 log = logging.getLogger(__name__)
 
-_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -36,11 +44,14 @@ class TaskSpec:
     """One task: its name (a key of ``model.experts``), its files and which fields to read."""
 
     name: str
-    train_files: str | list[str]
-    """Inputs for the merge (csv, json, jsonl or parquet); any label column is ignored."""
-    eval_files: str | list[str] | None = None
-    """Labelled rows for the report; without them the task gets no score."""
-    val_files: str | list[str] | None = None
+    # a dataset is a plain mapping here, not DatasetSource: with a class in the union, jsonargparse
+    # reads a string naming an existing file as that file's contents
+    train_files: str | list[str] | dict[str, str | None]
+    """Inputs for the merge: files (csv, tsv, json, jsonl, parquet, txt), a ``save_to_disk``
+    folder, or a dataset ``{path, name, split}`` (see ``sources.py``); any label is ignored."""
+    eval_files: str | list[str] | dict[str, str | None] | None = None
+    """Labelled rows for the report, taken as ``train_files`` are; without them the task gets no score."""
+    val_files: str | list[str] | dict[str, str | None] | None = None
     """Labelled validation rows, apart from ``eval_files``: where training-free methods choose
     their scale (and TIES its density). Never used by a learned merge, never scored."""
     text_fields: list[str] = field(default_factory=lambda: ["text"])
@@ -86,81 +97,43 @@ class TaskSpec:
             raise self._bad_template(err) from None
 
 
-def _as_list(files: str | list[str]) -> list[str]:
-    return [files] if isinstance(files, str) else list(files)
-
-
-def read_rows(task: str, files: str | list[str], columns: list[str]) -> Dataset:
-    """Read data files with ``datasets``; the error names the task, the file and the column."""
-    paths = [Path(f).expanduser() for f in _as_list(files)]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"task {task!r}: data file {str(path)!r} does not exist")
-    suffixes = {p.suffix.lower() for p in paths}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in _BUILDERS:
-        raise ValueError(
-            f"task {task!r}: data files {[str(p) for p in paths]} must all be one of {', '.join(_BUILDERS)}"
-        )
-    builder = _BUILDERS[suffixes.pop()]
-    empty = [str(p) for p in paths if p.stat().st_size < 4096 and not p.read_bytes().strip()]
-    if empty:
-        raise ValueError(f"task {task!r}: {empty} hold no rows (the file is empty)")
-    try:
-        rows = load_dataset(builder, data_files=[str(p) for p in paths], split="train")
-    except Exception as err:  # datasets raises many kinds for a malformed file
-        raise ValueError(
-            f"task {task!r}: cannot read {[str(p) for p in paths]} as {builder} ({type(err).__name__}: {err})"
-        ) from err
+def read_rows(task: str, files: Files, columns: list[str], source: str = "data files") -> Dataset:
+    """Read a task's rows with ``datasets`` after ``check_files``; the error names the task, the
+    source and the column."""
+    found = check_files(task, files, columns, source)
+    if isinstance(found, OpenedDataset):
+        rows, where = found.read(task, source), found.spec.describe()
+    else:
+        rows, where = read_paths(task, found), str([str(p) for p in found])
     for column in columns:
         if column not in rows.column_names:
             raise ValueError(
-                f"task {task!r}: field {column!r} not found in {[str(p) for p in paths]}; "
+                f"task {task!r}: field {column!r} not found in {where} ({source}); "
                 f"columns there: {rows.column_names}"
             )
     if len(rows) == 0:
-        raise ValueError(f"task {task!r}: {[str(p) for p in paths]} hold no rows")
+        raise ValueError(f"task {task!r}: {where} ({source}) hold no rows")
     return rows
 
 
-def peek_columns(path: Path) -> list[str] | None:
-    """The columns of a data file from its first row or header, without reading the rest
-    (None where that is not cheap: a JSON array, say)."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return list(pq.read_schema(path).names)
-        with path.open(encoding="utf-8", newline="") as handle:
-            if suffix == ".csv":
-                return next(csv.reader(handle), None)
-            for line in handle:
-                if line.strip():
-                    row = json.loads(line)
-                    return list(row) if isinstance(row, dict) else None
-    except (ValueError, OSError, UnicodeDecodeError):
-        return None  # read_rows reports a malformed file properly
-    return None
-
-
-def check_files(task: str, files: str | list[str], columns: list[str], source: str) -> None:
-    """Existence, format and fields of one task's files, from their first row: a mistake in
-    the last task's files fails before the first task's are tokenised."""
-    paths = [Path(f).expanduser() for f in _as_list(files)]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"task {task!r}: data file {str(path)!r} ({source}) does not exist")
-        if path.suffix.lower() not in _BUILDERS:
-            raise ValueError(
-                f"task {task!r}: data file {str(path)!r} ({source}) must be one of {', '.join(_BUILDERS)}"
-            )
-        found = peek_columns(path)
-        missing = [c for c in columns if found is not None and c not in found]
+def check_files(task: str, files: Files, columns: list[str], source: str) -> list[Path] | OpenedDataset:
+    """Existence, format and fields of one task's files or dataset, from their first row or
+    metadata: a mistake in the last task's inputs fails before the first task's are tokenised."""
+    found = as_source(task, files, source)
+    if isinstance(found, DatasetSource):
+        opened = open_dataset(task, found, source)
+        seen = [(found.describe(), opened.columns)]
+    else:
+        opened = found
+        seen = [(repr(str(p)), c) for p, c in zip(found, check_paths(task, found, source), strict=True)]
+    for where, present in seen:
+        missing = [c for c in columns if present is not None and c not in present]
         if missing:
             raise ValueError(
-                f"task {task!r}: field {missing[0]!r} not found in {str(path)!r} ({source}); "
-                f"columns there: {found}"
+                f"task {task!r}: field {missing[0]!r} not found in {where} ({source}); "
+                f"columns there: {present}"
             )
+    return opened
 
 
 class MergeDataModule(L.LightningDataModule):
@@ -250,13 +223,29 @@ class MergeDataModule(L.LightningDataModule):
                         raise ValueError(f"task {task.name!r}: {source} given but no label_field")
                     check_files(task.name, files, [*task.input_fields, task.label_field], source)
 
+    def class_labels(self) -> dict[str, list[int]]:
+        """Each classification task's class ids in its eval and val files, read without
+        tokenising, so they can be checked against the experts' heads before anything is written."""
+        labels: dict[str, list[int]] = {}
+        for task in self.tasks:
+            if task.prompt is not None or task.label_field is None:
+                continue
+            labels[task.name] = [
+                _as_label(task.name, value)
+                for source, files in (("eval_files", task.eval_files), ("val_files", task.val_files))
+                if files is not None
+                for value in read_rows(task.name, files, [task.label_field], source)[task.label_field]
+            ]
+        return labels
+
     def setup(self, stage: str) -> None:
         follow_trainer(self.trainer)  # tokenising bars only where the Trainer shows its own
         if self.train_rows is not None:
             return
         if self.tokenizer_path is None:
             raise ValueError("data.tokenizer is not set: give the base model's folder")
-        self.tokenizer = AutoTokenizer.from_pretrained(Path(self.tokenizer_path).expanduser())
+        folder = local_or_snapshot(self.tokenizer_path, "data.tokenizer")  # a folder, or a Hub id's snapshot
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         if self.prompted:
             # answers are appended after the prompt, so pads go first; too long a prompt loses
             # its start, never the "Answer:" it ends with
@@ -267,7 +256,7 @@ class MergeDataModule(L.LightningDataModule):
         train_parts, eval_parts, tuning_parts = [], [], []
         for task_id, task in enumerate(self.tasks):
             rows = drop_empty_texts(
-                read_rows(task.name, task.train_files, task.input_fields), task, "train_files"
+                read_rows(task.name, task.train_files, task.input_fields, "train_files"), task, "train_files"
             )
             if len(rows) < task.num_samples:
                 log.warning(
@@ -299,7 +288,7 @@ class MergeDataModule(L.LightningDataModule):
         if task.label_field is None:
             raise ValueError(f"task {task.name!r}: {source} given but no label_field")
         columns = [*task.input_fields, task.label_field]
-        rows = drop_empty_texts(read_rows(task.name, files, columns), task, source)
+        rows = drop_empty_texts(read_rows(task.name, files, columns, source), task, source)
         if cap is not None:
             rows = rows.select(range(min(cap, len(rows))))
         return self._encode(rows, task, task_id, with_labels=True)

@@ -75,6 +75,30 @@ def _rest(logp: Tensor, ids: Tensor) -> Tensor:
     return torch.logsumexp(outside, dim=-1, keepdim=True)
 
 
+def sharpen(logp: Tensor, temperature: float) -> Tensor:
+    """``softmax(log p / T)`` in log space: T < 1 sharpens an unsure expert's targets towards
+    its argmax (impossible outcomes stay impossible), T = 1 changes nothing."""
+    if temperature == 1.0:
+        return logp
+    sharp = torch.log_softmax(_finite(logp) / temperature, dim=-1)
+    return sharp.masked_fill(logp == float("-inf"), -math.inf)
+
+
+def relative_weights(start: Tensor) -> Tensor:
+    """Per-task weights ``mean(start) / start_t`` from each task's divergence at the initial
+    coefficients: every task then counts by the share of its starting divergence still left,
+    so a task whose expert is unsure (small divergences) is not given up for a confident one.
+    All 1 when every task starts at the same divergence: the paper's plain sum."""
+    start = start.clamp_min(torch.finfo(start.dtype).tiny)
+    return start.mean() / start
+
+
+def combine_tasks(task_means: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The objective over tasks: the sum of each task's mean divergence (the paper's), or its
+    weighted sum."""
+    return task_means.sum() if weights is None else (weights * task_means).sum()
+
+
 Objective = Callable[[Tensor | None, Tensor], Tensor]
 
 OBJECTIVES: dict[str, Objective] = {

@@ -1,8 +1,10 @@
-"""Writing a merge's results: ``merged/``, ``coefficients.json``, ``report.json``.
+"""Writing a merge's results: ``merged/`` (with model cards), ``coefficients.json``,
+``report.json``; publishing ``merged/`` folders to the Hugging Face Hub.
 
 Everything is written into a temporary sibling and renamed into place, so an interrupted
 export never leaves a folder that looks complete, and nothing existing is overwritten unless
-the caller says so.
+the caller says so. The renamed files and folders get the modes the umask gives any new file
+(``tempfile`` alone would leave them readable by their owner only).
 """
 
 from __future__ import annotations
@@ -12,15 +14,24 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
+from huggingface_hub import HfApi, ModelCard, constants, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from rich.console import Console
 from rich.table import Table
-from transformers import PreTrainedModel
+from safetensors import safe_open
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .merged import save_model
+from .preflight import safetensors_in
+
+ExportDtype = Literal["float32", "bfloat16", "float16"]
+EXPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 OUTPUT_NAMES = ("merged", "coefficients.json", "report.json")
 
@@ -48,24 +59,134 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(tree: Path) -> None:
+    """Give ``tree`` and everything in it the modes a plain ``open``/``mkdir`` would: safetensors
+    0.8 writes its files 0600 through a temporary file (safetensors/safetensors#782), ``mkdtemp``
+    makes 0700, and a model nobody else can read is no use on a shared machine or in a container."""
+    mask = current_umask()
+    for path in [tree, *tree.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_json(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())  # as open() would create it, not mkstemp's 0600
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, allow_nan=True)
         handle.write("\n")
     _replace(Path(tmp), path)
 
 
-def write_merged(folder: Path, models: Iterable[tuple[str, PreTrainedModel]], tokenizer=None) -> None:
-    """``folder/merged/<task>/``: one loadable Hugging Face folder per task head."""
+def stored_dtype(config: PretrainedConfig, folder: Path) -> str:
+    """The dtype a model was saved in: its config's ``dtype`` (``torch_dtype`` before
+    transformers 5), else its first floating tensor's, from the safetensors header."""
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if recorded is not None:
+        return str(recorded).removeprefix("torch.")
+    for path in safetensors_in(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                kind = handle.get_slice(name).get_dtype()
+                if kind in SAFETENSORS_DTYPES:
+                    return SAFETENSORS_DTYPES[kind]
+    return "float32"
+
+
+def export_dtype(
+    requested: str | None, configs: Mapping[str, PretrainedConfig], folders: Mapping[str, Path]
+) -> str:
+    """``requested``, or the experts' own dtype when they share one (float32 when they differ)."""
+    if requested is not None:
+        if requested not in EXPORT_DTYPES:
+            raise ValueError(f"export.dtype {requested!r} is not one of {', '.join(EXPORT_DTYPES)}")
+        return requested
+    stored = {stored_dtype(configs[t], Path(folders[t])) for t in configs}
+    shared = stored.pop() if len(stored) == 1 else "float32"
+    return shared if shared in EXPORT_DTYPES else "float32"
+
+
+def write_merged(
+    folder: Path,
+    models: Iterable[tuple[str, PreTrainedModel]],
+    tokenizer=None,
+    dtype: str = "float32",
+    max_shard_size: str | int | None = None,
+    card: Callable[[str], ModelCard] | None = None,
+) -> dict[str, Path]:
+    """``folder/merged/<task>/``: one loadable Hugging Face folder per task head (``""``: the
+    one model in ``merged/`` itself), in ``dtype``, with its model card ``card(task)``."""
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".merged."))
+    written: list[str] = []
     try:
         for task, model in models:
-            save_model(model, tmp / task, tokenizer)
+            save_model(model.to(getattr(torch, dtype)), tmp / task, tokenizer, max_shard_size)
+            if card is not None:
+                card(task).save(tmp / task / "README.md")
+            written.append(task)
+        follow_umask(tmp)
         _replace(tmp, folder / "merged")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    return {task: folder / "merged" / task for task in written}
+
+
+def hub_repo_ids(pattern: str, tasks: Sequence[str], one_model: bool = False) -> dict[str, str]:
+    """Folder name inside ``merged/`` -> Hub repo id: ``pattern`` with ``{task}`` filled in.
+    ``one_model`` (causal LMs): ``merged/`` itself, ``""``, with the task names joined by ``-``."""
+    if one_model:
+        return {"": pattern.replace("{task}", "-".join(tasks))}
+    if len(tasks) > 1 and "{task}" not in pattern:
+        raise ValueError(
+            f"export.push_to_hub {pattern!r} names one repository for {len(tasks)} merged models "
+            f"({', '.join(tasks)}); put {{task}} in it, e.g. 'your-name/merged-{{task}}'"
+        )
+    return {task: pattern.replace("{task}", task) for task in tasks}
+
+
+def check_repo_ids(repo_ids: Mapping[str, str]) -> None:
+    for task, repo_id in repo_ids.items():
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as err:
+            raise ValueError(
+                f"export.push_to_hub: {repo_id!r} (task {task!r}) is not a Hub repo id: {err}"
+            ) from None
+
+
+def check_can_push() -> None:
+    """Fail before the run, not after it, when the upload could not happen."""
+    if constants.is_offline_mode():
+        raise ValueError(
+            "export.push_to_hub: the Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
+            "unset it for this run, or upload the merged folders later with `hf upload`"
+        )
+    if get_token() is None:
+        raise ValueError(
+            "export.push_to_hub: no Hugging Face token; set HF_TOKEN or run `hf auth login` before the run"
+        )
+
+
+def push_folders(folders: Mapping[str, Path], repo_ids: Mapping[str, str], private: bool) -> dict[str, str]:
+    """Publish each merged folder (weights, tokenizer, model card) to its Hub repository,
+    created if needed; returns task -> the commit's URL."""
+    api = HfApi()
+    urls = {}
+    for task, path in folders.items():
+        repo_id = repo_ids[task]
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=path, commit_message="divmerge-pl: merged model and its card"
+        )
+        urls[task] = str(getattr(commit, "commit_url", commit))
+    return urls
 
 
 def write_outputs(
@@ -75,17 +196,23 @@ def write_outputs(
     report: dict,
     tokenizer=None,
     overwrite: bool = False,
-) -> None:
-    """``models`` None: no ``merged/`` (the coefficients and experts rebuild it)."""
+    dtype: str = "float32",
+    max_shard_size: str | int | None = None,
+    card: Callable[[str], ModelCard] | None = None,
+) -> dict[str, Path]:
+    """``models`` None: no ``merged/`` (the coefficients and experts rebuild it). Returns the
+    merged folders written, by task (``""``: the one causal LM)."""
     folder.mkdir(parents=True, exist_ok=True)
     check_free(folder, overwrite)
+    written: dict[str, Path] = {}
     if models is not None:
-        write_merged(folder, models, tokenizer)
+        written = write_merged(folder, models, tokenizer, dtype, max_shard_size, card)
     elif (folder / "merged").exists():  # overwriting: an earlier run's weights would pass for these
         shutil.rmtree(folder / "merged")
     if coefficients is not None:  # training-free methods have none of their own
         write_json(folder / "coefficients.json", coefficients)
     write_json(folder / "report.json", report)
+    return written
 
 
 def _fmt(value: float) -> str:

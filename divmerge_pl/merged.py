@@ -7,6 +7,7 @@ reach nothing but the coefficients.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,8 +187,14 @@ def build_model(
     return model.eval()
 
 
-def save_model(model: PreTrainedModel, folder: Path, tokenizer=None) -> None:
-    """``save_pretrained`` the model (and tokenizer) so plain ``from_pretrained`` loads it."""
-    model.save_pretrained(folder)
+def save_model(
+    model: PreTrainedModel, folder: Path, tokenizer=None, max_shard_size: str | int | None = None
+) -> None:
+    """``save_pretrained`` the model (and tokenizer) so plain ``from_pretrained`` loads it;
+    ``max_shard_size`` (e.g. ``"2GB"``) splits the weights into shards with an index."""
+    # save_pretrained records the model's dtype in its config, and build_model's models share the
+    # expert's config object: without a copy one bfloat16 export would relabel the expert.
+    model.config = copy.deepcopy(model.config)
+    model.save_pretrained(folder, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -156,6 +156,23 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         objective="entropy", lr=1e-3, init=0.3, clamp=(0.0, 1.0), epochs=5, reference=_ADAMERGING
     ),
 }
+# the module's defaults of the options only variants set (a run without them is the paper's)
+VARIANT_DEFAULTS: dict[str, Any] = {"task_weighting": "sum", "teacher_temperature": 1.0}
+# Beyond the paper (this project's variants; the paper-faithful divmerge* stay as published)
+_BALANCED = (
+    _DIVMERGE.split(":")[0] + "'s settings with each task's divergence weighted by the inverse of its "
+    "value at the initial coefficients (divmerge-pl's variant: unsure experts' tasks are not given up)"
+)
+_SHARPENED = (
+    _DIVMERGE.split(":")[0] + "'s settings with the experts' targets sharpened, softmax(log p / 0.5) "
+    "(divmerge-pl's variant, no labels used)"
+)
+_FAMILIES["balanced"] = dict(
+    _FAMILIES["divmerge"], reference=_BALANCED, extra={"task_weighting": "relative"}
+)
+_FAMILIES["sharpened"] = dict(
+    _FAMILIES["divmerge"], reference=_SHARPENED, extra={"teacher_temperature": 0.5}
+)
 _TRANSFORMS = {"": "none", "_ties": "ties", "_dare": "dare"}
 
 
@@ -207,10 +224,11 @@ def get_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
 
 def learned_name(options: dict[str, Any], epochs: int | None) -> str | None:
     """The registry's name for a learned run with these model options (None: settings of one's own)."""
+    options = {**VARIANT_DEFAULTS, **options}
     for method in METHODS.values():  # a layout's explicit name (divmerge_layer) comes before its alias
         if method.kind != "learned":
             continue
-        mine = method.model_options()
+        mine = {**VARIANT_DEFAULTS, **method.model_options()}
         if all(_same(options.get(k), v) for k, v in mine.items()) and (
             epochs is None or epochs == method.epochs
         ):

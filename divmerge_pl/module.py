@@ -7,6 +7,8 @@ The only trainable state is Gamma [tasks x groups]. Experts are loaded in ``setu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -15,12 +17,13 @@ from datasets import Dataset
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .answers import answer_logits, answer_targets, expert_generations, generate_answers
 from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
 from .data import MODEL_INPUTS, MergeDataModule
-from .divergences import coarsen, get_objective
+from .divergences import coarsen, combine_tasks, get_objective, relative_weights, sharpen
 from .experts import KIND_CLASS, LoadedExperts, load_experts
 from .merged import (
     build_model,
@@ -162,6 +165,8 @@ class DivMergeModule(L.LightningModule):
         top_k: int | None = None,
         merge_on_demand: bool = True,
         allow_pickle: bool = False,
+        task_weighting: Literal["sum", "relative"] = "sum",
+        teacher_temperature: float = 1.0,
     ) -> None:
         """
         Args:
@@ -199,6 +204,11 @@ class DivMergeModule(L.LightningModule):
                 a model that reads a weight outside its own module falls back, with a warning.
             allow_pickle: also load weights saved as pickles (``pytorch_model.bin``); loading a
                 pickle can run code, so only for folders you trust. Default: safetensors only.
+            task_weighting: ``sum`` adds the tasks' mean divergences (the paper's); ``relative``
+                weighs each task by the inverse of its divergence at the initial coefficients
+                (measured once, before the first step), so an unsure expert's task is not given up.
+            teacher_temperature: the experts' targets are ``softmax(log p / T)``; below 1 they are
+                sharpened towards each expert's own answer (1: the experts' distributions).
         """
         super().__init__()
         get_objective(objective)
@@ -218,7 +228,13 @@ class DivMergeModule(L.LightningModule):
             raise ValueError(f"model.max_new_tokens must be at least 1, got {max_new_tokens}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"model.top_k must be a positive number of tokens (or null: all), got {top_k}")
+        if teacher_temperature <= 0:
+            raise ValueError(f"model.teacher_temperature must be positive, got {teacher_temperature}")
+        if objective == "entropy" and teacher_temperature != 1.0:
+            raise ValueError("model.teacher_temperature: the entropy objective has no teacher to sharpen")
         self.save_hyperparameters()
+        if task_weighting == "relative":  # checkpointed: a resumed run keeps the first run's weights
+            self.register_buffer("start_divergence", torch.full((len(experts),), float("nan")))
         self.objective = get_objective(objective)
         self.frozen: FrozenExperts | None = None
         self.coefficients: nn.Parameter | None = None
@@ -248,7 +264,14 @@ class DivMergeModule(L.LightningModule):
     def prepare_data(self) -> None:
         # before the datamodule reads and tokenises anything: paths, configs, weight formats and
         # tensor shapes (safetensors headers) fail in a second, not after the data is ready
-        check_models(self.hparams.base, dict(self.hparams.experts), self.hparams.allow_pickle)
+        checked = check_models(self.hparams.base, dict(self.hparams.experts), self.hparams.allow_pickle)
+        # class ids are read (not tokenised) here too: a label outside an expert's head is refused
+        # before the logger or SaveConfigCallback write their folders in setup
+        dm = getattr(self.trainer, "datamodule", None)
+        if checked.kind == "sequence_classification" and isinstance(dm, MergeDataModule):
+            for task, labels in dm.class_labels().items():
+                if task in checked.configs:
+                    _check_labels(task, labels, int(checked.configs[task].num_labels))
 
     def setup(self, stage: str) -> None:
         follow_trainer(self.trainer)  # weights are loaded and written with the Trainer's bars or none
@@ -408,6 +431,26 @@ class DivMergeModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.prepare_teachers()
+        if self.hparams.task_weighting == "relative" and bool(self.start_divergence.isnan().any()):
+            self.start_divergence.copy_(self._mean_divergences(self._datamodule()))
+
+    @torch.no_grad()
+    def _mean_divergences(self, dm: MergeDataModule) -> Tensor:
+        """Each task's mean objective over all its merge inputs at the current coefficients."""
+        sums = torch.zeros(len(self.tasks), device=self.device)
+        counts = torch.zeros(len(self.tasks), device=self.device)
+        for batch in dm.ordered_dataloader(dm.train_rows):
+            batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            for t, per_row in self._training_divergences(batch):
+                sums[t] += per_row.sum().float()
+                counts[t] += per_row.numel()
+        return sums / counts.clamp_min(1)
+
+    def task_weights(self) -> Tensor | None:
+        """The objective's per-task weights (None: the paper's plain sum)."""
+        if self.hparams.task_weighting != "relative":
+            return None
+        return relative_weights(self.start_divergence)
 
     def on_validation_start(self) -> None:
         self.prepare_teachers()
@@ -464,6 +507,7 @@ class DivMergeModule(L.LightningModule):
             teacher[torch.tensor(train["row_id"]), :k] = outputs["train"]
             if evals is not None and "eval" in outputs:
                 scores.update(t, outputs["eval"].argmax(-1), torch.tensor(evals["labels"]))
+        teacher = sharpen(teacher, self.hparams.teacher_temperature)
         self.register_buffer("teacher_logprobs", teacher.to(self.device), persistent=False)
         self.expert_scores = {self.tasks[i]: s for i, s in scores.compute().items()}
 
@@ -489,22 +533,16 @@ class DivMergeModule(L.LightningModule):
             if outputs is None:
                 tensors = expert_tensors(self.frozen.base_tensors(), self.frozen.task_vectors(), t)
                 model = self.frozen.skeleton
-                targets = answer_targets(
-                    model, tensors, dm.ordered_dataloader(train), width, eos, pad, top_k,
-                    f"expert {name}: answers", show,
-                )  # fmt: skip
+                targets = self._across_ranks(dm, train, partial(
+                    answer_targets, model, tensors, max_new_tokens=width, eos_id=eos, pad_id=pad,
+                    top_k=top_k, desc=f"expert {name}: answers", show_progress=show,
+                ))  # fmt: skip
                 outputs = {f"train_{k}": v for k, v in targets.items()}
                 if evals is not None:
-                    generated = expert_generations(
-                        model,
-                        tensors,
-                        dm.ordered_dataloader(evals),
-                        width,
-                        eos,
-                        pad,
-                        f"expert {name}: eval",
-                        show,
-                    )
+                    generated = self._across_ranks(dm, evals, partial(
+                        expert_generations, model, tensors, max_new_tokens=width, eos_id=eos,
+                        pad_id=pad, desc=f"expert {name}: eval", show_progress=show,
+                    ))  # fmt: skip
                     outputs.update({f"eval_{k}": v for k, v in generated.items()})
                 if self.trainer.is_global_zero:
                     cache.save(key, outputs)
@@ -522,6 +560,8 @@ class DivMergeModule(L.LightningModule):
                 scores.update(t, text, evals["reference"])
         self.register_buffer("answer_ids", answers.to(self.device), persistent=False)
         self.register_buffer("answer_len", lengths.to(self.device), persistent=False)
+        # with top_k, the rest bucket is sharpened as one outcome (the cache keeps the originals)
+        logprobs = sharpen(logprobs, self.hparams.teacher_temperature)
         self.register_buffer("teacher_logprobs", logprobs.to(self.device), persistent=False)
         if top_ids is not None:
             self.register_buffer("teacher_top_ids", top_ids.to(self.device), persistent=False)
@@ -540,7 +580,29 @@ class DivMergeModule(L.LightningModule):
                 return forward_logits(self.frozen.skeleton, head, inputs)
 
         show = show_progress(self.trainer)
-        return compute_logprobs(forward, dm.ordered_dataloader(rows), desc, show)
+
+        def logprobs(batches: DataLoader) -> Tensor:
+            return compute_logprobs(forward, batches, desc, show)
+
+        return self._across_ranks(dm, rows, logprobs)
+
+    def _across_ranks(self, dm: MergeDataModule, rows: Dataset, compute: Callable[[DataLoader], Any]) -> Any:
+        """``compute`` over ``rows``' batches (a tensor or a dict of tensors, a row each), each of the W
+        processes taking every W-th row and the shares gathered back in row order: teachers cost
+        1/W of their single-process time, and every rank ends with all of them."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 or len(rows) < world:
+            return compute(dm.ordered_dataloader(rows))
+        rank = self.trainer.global_rank
+        share = compute(dm.ordered_dataloader(rows.select(range(rank, len(rows), world))))
+        size = -(-len(rows) // world)
+
+        def gather(part: Tensor) -> Tensor:
+            padded = part.new_zeros((size, *part.shape[1:]))
+            padded[: len(part)] = part
+            return interleave_shares(self.all_gather(padded.to(self.device)).cpu(), len(rows))
+
+        return {k: gather(v) for k, v in share.items()} if isinstance(share, dict) else gather(share)
 
     # ------------------------------------------------------------------ the merge
     def merge_coefficients(self) -> Tensor:
@@ -624,8 +686,12 @@ class DivMergeModule(L.LightningModule):
         if world > 1:  # each task's mean over the global batch, whatever share of it this rank holds
             counts = self.all_gather(counts).sum(dim=0)
         present = counts > 0
+        weights = self.task_weights()
         # DDP averages gradients over ranks, hence x world: the sum of per-task means, as on one device
-        total = (sums[present] / counts[present]).sum() * world
+        total = (
+            combine_tasks(sums[present] / counts[present], None if weights is None else weights[present])
+            * world
+        )
         if not torch.isfinite(total):  # stop before Adam writes NaN into the coefficients
             bad = [self.tasks[t] for t in range(len(self.tasks)) if not torch.isfinite(sums[t])]
             raise FloatingPointError(
@@ -709,12 +775,13 @@ class DivMergeModule(L.LightningModule):
         self.val_scores.reset()
         self._eval_tensors = None
         report = self._report(merged)
+        stage = "test" if self.trainer.testing else "val"
         for task, row in report["tasks"].items():
-            self.log(f"val/{task}/{row['metric']}", row["merged"])
-            self.log(f"val/{task}/expert_{row['metric']}", row["expert"])
-            self.log(f"val/{task}/normalized", row["normalized"])
+            self.log(f"{stage}/{task}/{row['metric']}", row["merged"])
+            self.log(f"{stage}/{task}/expert_{row['metric']}", row["expert"])
+            self.log(f"{stage}/{task}/normalized", row["normalized"])
         if report["tasks"]:
-            self.log("val/normalized", report["average"]["normalized"], prog_bar=True)
+            self.log(f"{stage}/normalized", report["average"]["normalized"], prog_bar=True)
         if not self.trainer.sanity_checking:
             self.last_merged_scores = (self.trainer.global_step, merged)
 
@@ -871,3 +938,9 @@ def _check_labels(task: str, labels: list[int], num_classes: int) -> None:
 def _rows_of(rows: Dataset, task_id: int) -> Dataset:
     ids = rows["task_id"]
     return rows.select([i for i, t in enumerate(ids) if t == task_id])
+
+
+def interleave_shares(gathered: Tensor, rows: int) -> Tensor:
+    """``[W, ceil(n / W), ...]`` shares (rank r held rows r, r + W, ...) back into row order,
+    without the padding of the last share."""
+    return gathered.transpose(0, 1).reshape(-1, *gathered.shape[2:])[:rows]

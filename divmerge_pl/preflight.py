@@ -1,6 +1,7 @@
 """Cheap checks of the base and the experts, run before anything slow (reading and tokenising
-data, loading weights, teachers): folders, config.json, architectures, the weights' format, and
-tensor names and shapes from the safetensors headers, which are read without the tensors."""
+data, loading weights, teachers): folders (or Hub ids, resolved to their cached snapshot),
+config.json, architectures, the weights' format, and tensor names and shapes from the
+safetensors headers, which are read without the tensors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
 )
 
+from .hub import MODEL_FILES, PICKLE_FILES, local_or_snapshot
+
 TaskKind = Literal["sequence_classification", "causal_lm"]
 
 _KIND_SUFFIX: dict[str, TaskKind] = {
@@ -30,11 +33,17 @@ class ExpertMismatchError(ValueError):
     """The base and the experts cannot be merged (names the expert and the tensor)."""
 
 
-def resolve_model_dir(path: str, role: str) -> Path:
-    """Expand ``~`` and check the folder holds a Hugging Face model, naming ``role`` if not."""
-    folder = Path(path).expanduser()
+def resolve_model_dir(path: str, role: str, allow_pickle: bool = False) -> Path:
+    """The local folder of a model given as a folder or a Hub id (``org/name[@revision]``,
+    resolved into the user's hub cache), checked to hold a Hugging Face model, naming ``role``
+    if not. A folder that exists always wins over an id of the same spelling."""
+    patterns = MODEL_FILES + PICKLE_FILES if allow_pickle else MODEL_FILES
+    folder = local_or_snapshot(path, role, patterns)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{role}: model folder {str(folder)!r} does not exist")
+        raise FileNotFoundError(
+            f"{role}: model folder {str(folder)!r} does not exist (give a folder written by "
+            "save_pretrained, or a Hub id such as org/name)"
+        )
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{role}: {str(folder)!r} is not a Hugging Face model folder (no config.json); "
@@ -106,7 +115,8 @@ def check_weight_format(folder: Path, role: str, allow_pickle: bool) -> bool:
     if not pickles:
         raise FileNotFoundError(
             f"{role}: {str(folder)!r} holds no weights (no model.safetensors); give the folder "
-            "save_pretrained wrote"
+            "save_pretrained wrote (from a Hub id only safetensors weights are fetched, pickles "
+            "too with model.allow_pickle: true for a repository you trust)"
         )
     if not allow_pickle:
         raise ExpertMismatchError(
@@ -140,8 +150,8 @@ def check_models(base: str, experts: dict[str, str], allow_pickle: bool = False)
     """Everything about the models that can be known without reading their weights."""
     if not experts:
         raise ValueError("model.experts is empty: give at least one {task_name: expert_folder}")
-    paths = {"base": resolve_model_dir(base, "model.base")}
-    paths.update({t: resolve_model_dir(p, f"expert {t!r}") for t, p in experts.items()})
+    paths = {"base": resolve_model_dir(base, "model.base", allow_pickle)}
+    paths.update({t: resolve_model_dir(p, f"expert {t!r}", allow_pickle) for t, p in experts.items()})
     base_config = read_config(paths["base"], "model.base")
     configs = {t: read_config(paths[t], f"expert {t!r}") for t in experts}
     tasks = list(experts)

@@ -27,6 +27,8 @@ MERGE_SETTINGS = (
     "lr",
     "clamp",
     "task_vector_dtype",
+    "task_weighting",
+    "teacher_temperature",
     "max_new_tokens",
     "top_k",
 )

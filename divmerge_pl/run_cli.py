@@ -5,6 +5,7 @@ so neither imports the other's module back."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from jsonargparse import Namespace
@@ -54,6 +55,16 @@ class RunCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = latest_checkpoint(config["trainer"].get("default_root_dir"))
         check_resume(config.get("ckpt_path"), model_arguments(config.get("model")))
+        # Lightning then applies the checkpoint's hyper-parameters over the config (from 2.5.5);
+        # the merge-defining ones were just checked equal, and for the rest (allow_pickle,
+        # teacher_cache, paths...) the command the user typed wins: see before_instantiate_classes
+        self._typed_model = copy.deepcopy(config.get("model"))
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        typed = getattr(self, "_typed_model", None)
+        if typed is not None and self.config.get("subcommand"):
+            self.config[self.config.subcommand]["model"] = typed
 
 
 def model_arguments(model: Any) -> dict[str, Any]:

@@ -25,8 +25,14 @@ def run_script(name: str, tmp_path: Path, *extra: str) -> dict:
 
 def test_step_cost_counts_one_expert_forward_per_input_then_none(tmp_path: Path):
     result = run_script("step_cost", tmp_path)
-    variants = [(r["granularity"], r["merge_on_demand"]) for r in result["results"]]
-    assert variants == [("task", True), ("layer", True), ("layer", False)]
+    variants = [(r["granularity"], r["merge_on_demand"], r["options"]) for r in result["results"]]
+    assert variants == [
+        ("task", True, {}),
+        ("layer", True, {}),
+        ("layer", False, {}),
+        ("layer", True, {"task_weighting": "relative"}),
+        ("layer", True, {"teacher_temperature": 0.5}),
+    ]
     for row in result["results"]:
         assert row["ratio"] == pytest.approx(row["divmerge_step_s"] / row["plain_step_s"])
     teacher = result["teacher_cache"]

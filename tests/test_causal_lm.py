@@ -317,3 +317,43 @@ def test_greedy_answers_ignore_the_folders_generation_config(tmp_path):
         top = module.teacher_logprobs[row, :n].argmax(-1)
         assert top.tolist() == module.answer_ids[row, :n].tolist()
     assert (module.answer_len < 3).any(), "min_new_tokens=3 of the folder must not lengthen answers"
+
+
+def test_two_processes_share_the_lm_teachers_and_learn_what_one_learns(tmp_path):
+    import subprocess
+    import sys
+
+    lm = build_lm_setup(tmp_path, "gpt2")
+    single = write_lm_config(lm, tmp_path / "single", teacher_cache=str(tmp_path / "one"), top_k=4)
+    main(["fit", "--config", str(single)])
+    config = write_lm_config(lm, tmp_path / "ddp", teacher_cache=str(tmp_path / "two"), top_k=4)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "divmerge_pl.cli", "fit", "--config", str(config),
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--data.init_args.batch_size=4",
+            "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+            "--trainer.strategy.process_group_backend=gloo", "--trainer.strategy.broadcast_buffers=false",
+        ],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # each rank answered every other prompt; gathered, the one cache holds the single process's
+    one, two = (
+        sorted((tmp_path / "one").glob("*.safetensors")),
+        sorted((tmp_path / "two").glob("*.safetensors")),
+    )
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 2
+    for a, b in zip(one, two, strict=True):
+        alone, split = load_file(a), load_file(b)
+        assert alone.keys() == split.keys()
+        for key in alone:
+            if alone[key].dtype.is_floating_point:
+                torch.testing.assert_close(split[key], alone[key], atol=1e-5, rtol=0)
+            else:
+                assert torch.equal(split[key], alone[key]), key  # the same greedy answers
+
+    def final(folder: Path) -> torch.Tensor:
+        (run,) = sorted((folder / "lightning_logs").iterdir())
+        return torch.tensor(json.loads((run / "coefficients.json").read_text())["values"])
+
+    torch.testing.assert_close(final(tmp_path / "ddp"), final(tmp_path / "single"), atol=1e-4, rtol=0)

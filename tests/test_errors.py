@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,6 +22,22 @@ def no_model_loads(monkeypatch):
     from divmerge_pl import module as module_file
 
     monkeypatch.setattr(module_file, "load_experts", lambda *a: pytest.fail("models were loaded"))
+
+
+def tree_state(root: Path) -> dict[Path, tuple[bool, int, int]]:
+    """Every path under ``root`` with whether it is a folder, its size and its modification time."""
+    return {p: (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@contextmanager
+def writes_nothing(root: Path) -> Iterator[None]:
+    """A refused run must leave ``root`` as it was: no run folder, no cache file, no checkpoint."""
+    before = tree_state(root)
+    yield
+    after = tree_state(root)
+    assert sorted(map(str, after.keys() - before.keys())) == [], "a refused run created these"
+    assert sorted(str(p) for p in before if after.get(p, before[p]) != before[p]) == [], "and changed these"
+    assert sorted(map(str, before.keys() - after.keys())) == [], "and removed these"
 
 
 def edit_config(path, edit) -> str:
@@ -40,7 +59,7 @@ def edit_config(path, edit) -> str:
 )
 def test_config_mistakes_name_the_key(tiny, no_model_loads, capsys, edit, message):
     config = edit_config(write_config(tiny, tiny.root / "run"), edit)
-    with pytest.raises(SystemExit) as exit_info:
+    with writes_nothing(tiny.root), pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", config])
     assert exit_info.value.code == 2
     assert __import__("re").search(message, capsys.readouterr().err, __import__("re").S)
@@ -70,7 +89,7 @@ def test_config_mistakes_name_the_key(tiny, no_model_loads, capsys, edit, messag
 )
 def test_invalid_task_lists_fail_before_models_load(tiny, no_model_loads, edit, error, message):
     config = edit_config(write_config(tiny, tiny.root / "run"), edit)
-    with pytest.raises(error, match=message):
+    with writes_nothing(tiny.root), pytest.raises(error, match=message):
         main(["fit", "--config", config])
 
 
@@ -79,7 +98,10 @@ def test_data_file_problems_name_task_and_file(tiny, no_model_loads):
         write_config(tiny, tiny.root / "a"),
         lambda c: c["data"]["init_args"]["tasks"][0].update(train_files=str(tiny.root / "nowhere.jsonl")),
     )
-    with pytest.raises(FileNotFoundError, match=r"task 'alpha': data file .*nowhere\.jsonl.* does not exist"):
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(FileNotFoundError, match=r"task 'alpha': data file .*nowhere\.jsonl.* does not exist"),
+    ):
         main(["fit", "--config", missing])
 
     (tiny.root / "empty.jsonl").write_text("")
@@ -87,15 +109,21 @@ def test_data_file_problems_name_task_and_file(tiny, no_model_loads):
         write_config(tiny, tiny.root / "b"),
         lambda c: c["data"]["init_args"]["tasks"][1].update(train_files=str(tiny.root / "empty.jsonl")),
     )
-    with pytest.raises(ValueError, match=r"task 'beta': .*empty\.jsonl.* hold no rows"):
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(ValueError, match=r"task 'beta': .*empty\.jsonl.* hold no rows"),
+    ):
         main(["fit", "--config", empty])
 
     field = edit_config(
         write_config(tiny, tiny.root / "c"),
         lambda c: c["data"]["init_args"]["tasks"][0].update(text_fields=["sentence"]),
     )
-    with pytest.raises(
-        ValueError, match=r"task 'alpha': field 'sentence' not found.*columns there: \['text', 'label'\]"
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(
+            ValueError, match=r"task 'alpha': field 'sentence' not found.*columns there: \['text', 'label'\]"
+        ),
     ):
         main(["fit", "--config", field])
 
@@ -123,8 +151,12 @@ def test_eval_label_outside_the_head_is_refused(tiny):
     rows = [json.loads(line) for line in tiny.eval["alpha"].read_text().splitlines()]
     rows[3]["label"] = 7  # alpha's head has 2 classes
     tiny.eval["alpha"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"task 'alpha': eval label\(s\) \[7\] outside 0\.\.1"):
-        main(["fit", "--config", str(write_config(tiny, tiny.root / "run"))])
+    config = str(write_config(tiny, tiny.root / "run"))
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(ValueError, match=r"task 'alpha': eval label\(s\) \[7\] outside 0\.\.1"),
+    ):
+        main(["fit", "--config", config])
 
 
 def test_damaged_teacher_cache_is_rebuilt_not_trusted(tiny, monkeypatch, caplog):
@@ -155,8 +187,9 @@ def test_damaged_checkpoint_is_named(tiny):
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[: len(data) // 3])
     config = write_config(tiny, tiny.root / "second", epochs=2)
-    with pytest.raises(
-        ValueError, match=r"checkpoint .*last\.ckpt.* cannot be read .*truncated or corrupted"
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(ValueError, match=r"checkpoint .*last\.ckpt.* cannot be read .*truncated or corrupted"),
     ):
         main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint)])
 

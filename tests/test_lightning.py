@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from divmerge_pl import DivMergeModule, MergeDataModule
@@ -216,10 +217,21 @@ def test_two_cpu_processes_with_ddp_learn_what_one_process_learns(tiny):
             "--trainer.accelerator=cpu", "--trainer.devices=2", "--data.init_args.batch_size=4",
             "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
             "--trainer.strategy.process_group_backend=gloo", "--trainer.strategy.broadcast_buffers=false",
+            f"--model.init_args.teacher_cache={tiny.root / 'ddp_teachers'}",  # computed anew, split
         ],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    # each rank computed every other row of each expert's outputs; gathered, the cache written
+    # once holds what one process computes alone
+    single_cache = sorted((tiny.root / "teacher_cache").glob("*.safetensors"))
+    ddp_cache = sorted((tiny.root / "ddp_teachers").glob("*.safetensors"))
+    assert [p.name for p in ddp_cache] == [p.name for p in single_cache] and len(single_cache) == 2
+    for one, two in zip(single_cache, ddp_cache, strict=True):
+        alone, split = load_file(one), load_file(two)
+        assert alone.keys() == split.keys()
+        for key in alone:
+            torch.testing.assert_close(split[key], alone[key], atol=1e-5, rtol=0)
     single, ddp = _final(tiny.root / "single"), _final(tiny.root / "ddp")
     assert not torch.allclose(single, torch.full_like(single, 0.5))
     # the gradient is summed in another order across ranks; Adam, scale-free, turns that rounding
@@ -360,3 +372,27 @@ def test_shipped_configs_parse(configs, capsys):
     assert printed["model"]["class_path"] == "divmerge_pl.DivMergeModule"
     if len(configs) > 1:
         assert printed["trainer"]["strategy"]["init_args"]["broadcast_buffers"] is False
+
+
+def test_test_and_validate_log_under_their_own_prefixes(tiny):
+    from divmerge_pl.cli import build_cli
+
+    config = str(write_config(tiny, tiny.root / "run", epochs=1))
+    cli = build_cli(["--config", config], run=False)
+    (validated,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    (tested,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert "val/normalized" in validated and not [k for k in validated if k.startswith("test/")]
+    assert "test/normalized" in tested and not [k for k in tested if k.startswith("val/")]
+    assert tested["test/normalized"] == validated["val/normalized"]  # the same rows, the same merge
+
+
+def test_shares_of_rows_are_interleaved_back_into_row_order():
+    from divmerge_pl.module import interleave_shares
+
+    rows, world = 7, 3  # rank r holds rows r, r + 3, ...; the last share is padded
+    shares = torch.full((world, 3, 2), -1.0)
+    for r in range(world):
+        mine = list(range(r, rows, world))
+        shares[r, : len(mine)] = torch.tensor([[i, 10 * i] for i in mine], dtype=torch.float)
+    expected = torch.tensor([[i, 10 * i] for i in range(rows)], dtype=torch.float)
+    assert torch.equal(interleave_shares(shares, rows), expected)

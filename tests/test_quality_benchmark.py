@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .lm_setup import make_lm
 from .test_demo import fake_archives
 
 
@@ -124,3 +125,40 @@ def test_subsets_are_all_pairs_then_a_seeded_sample():
     assert len(three) == 3 == len(set(three)) and three == bench.task_subsets(tasks, 3, 3, 0)
     assert bench.task_subsets(tasks, 5, 3, 0) == [tuple(tasks)]
     assert bench.summarise([90.0, 94.0])["ci95"] == pytest.approx(12.706 * 2.8284271 / 1.4142136, rel=1e-6)
+
+
+def test_lm_arm_quick_run_merges_label_word_experts(tmp_path: Path):
+    spec = importlib.util.spec_from_file_location("quality_run_lm", Path("benchmarks/quality/run_lm.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, out = tmp_path / "cache", tmp_path / "out"
+    fake_archives(root / "archives")
+    make_lm(root / "models" / "base", "gpt2", seed=0)  # where the de-quantised SmolLM2 is cached
+    methods = ["average", "divmerge_layer"]
+    argv = [
+        "--quick", "--tasks", "bbc_news,amazon_reviews", "--root", str(root), "--out", str(out),
+        "--records", str(tmp_path / "records"), "--methods", ",".join(methods),
+        "--train_size", "40", "--val_size", "16", "--test_size", "16", "--inputs", "12",
+        "--val_samples", "12", "--max_length", "24", "--finetune_epochs", "3", "--finetune_lr", "0.003",
+        "--patience", "1", "--min_margin", "-1", "--fit_option=--trainer.max_epochs=1",
+    ]  # fmt: skip
+    results = bench.main(argv)
+    (run,) = results["runs"]
+    assert run["k"] == 2 and set(run["tasks"]) == {"bbc_news", "amazon_reviews"}
+    for method in methods:
+        report = run["reports"][method]
+        normalised = statistics.fmean(row["normalized"] for row in report["tasks"].values())
+        assert run["anp"][method] == pytest.approx(100 * normalised)
+        for task, row in report["tasks"].items():  # the expert's greedy accuracy, as fine-tuning scored it
+            assert row["expert"] == pytest.approx(results["experts"][task]["eval_accuracy"])
+    for summary in results["experts"].values():
+        scores = summary["val_accuracy_per_epoch"]
+        assert summary["best_epoch"] == scores.index(max(scores)) + 1 and summary["epochs_run"] == len(scores)
+    (config_file,) = (root / "runs").glob("*/merge.yaml")
+    config = yaml.safe_load(config_file.read_text())
+    tasks = {t["name"]: t for t in config["data"]["init_args"]["tasks"]}
+    assert tasks["bbc_news"]["label_words"] == ["business", "sport"]  # the stand-in's classes, in order
+    assert tasks["bbc_news"]["train_files"].endswith("val.jsonl")  # merge prompts the experts never saw
+    assert config["model"]["init_args"]["top_k"] == 64
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))

@@ -15,12 +15,8 @@ from divmerge_pl.cli import console, main
 from divmerge_pl.experts import load_experts
 from divmerge_pl.preflight import ExpertMismatchError
 
-from .test_errors import no_model_loads  # noqa: F401 (fixture)
+from .test_errors import no_model_loads, writes_nothing  # noqa: F401 (fixture)
 from .test_fit import run_dir, write_config
-
-
-def files_under(folder: Path) -> set[Path]:
-    return {p for p in folder.rglob("*") if p.is_file()} if folder.exists() else set()
 
 
 @pytest.fixture
@@ -41,23 +37,22 @@ def no_data_read(monkeypatch):
         ("--model.init_args.clamp=[0.0,1.0]", "clamp: None in the checkpoint, [0.0, 1.0] now"),
         ("--model.init_args.task_vector_transform=ties", "task_vector_transform: 'none'"),
         ("--model.init_args.task_vector_dtype=bfloat16", "task_vector_dtype: 'float32'"),
+        ("--model.init_args.task_weighting=relative", "task_weighting: 'sum' in the checkpoint, 'relative'"),
     ],
-    ids=["granularity", "objective", "lr", "init", "clamp", "transform", "dtype"],
+    ids=["granularity", "objective", "lr", "init", "clamp", "transform", "dtype", "weighting"],
 )
 def test_resuming_with_other_merge_settings_is_refused_before_models_load(tiny, monkeypatch, option, key):
     folder = tiny.root / "run"
     main(["fit", "--config", str(write_config(tiny, folder, epochs=1))])
-    before = {p: p.read_bytes() for p in files_under(folder) if p.name != "merge.yaml"}
     from divmerge_pl import module as module_file
 
     monkeypatch.setattr(module_file, "load_experts", lambda *a, **k: pytest.fail("models were loaded"))
     config = str(write_config(tiny, folder, epochs=2))
     for ckpt in ("last", str(run_dir(folder) / "checkpoints" / "last.ckpt")):
-        with pytest.raises(ValueError, match="other settings") as info:
+        with writes_nothing(tiny.root), pytest.raises(ValueError, match="other settings") as info:
             main(["fit", "--config", config, option, "--ckpt_path", ckpt])
         message = str(info.value)
         assert key in message and "default_root_dir" in message and "--model.init_args." in message
-    assert {p: p.read_bytes() for p in files_under(folder) if p.name != "merge.yaml"} == before
 
 
 def test_resuming_with_the_same_settings_still_works(tiny):
@@ -82,7 +77,10 @@ def test_python_fit_with_a_checkpoint_of_other_settings_is_refused(tiny):
     trainer = L.Trainer(
         max_epochs=2, logger=False, enable_progress_bar=False, default_root_dir=tiny.root / "b"
     )
-    with pytest.raises(ValueError, match="granularity: 'layer' in the checkpoint, 'task' now"):
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(ValueError, match="granularity: 'layer' in the checkpoint, 'task' now"),
+    ):
         trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint))
 
 
@@ -96,10 +94,9 @@ def test_a_checkpoint_holding_code_is_never_unpickled(tiny, tmp_path):
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"coefficients": torch.zeros(1)}, "payload": _Payload()}, evil)
     config = str(write_config(tiny, tiny.root / "run", epochs=1))
-    with pytest.raises(ValueError, match=r"evil\.ckpt.*never unpickled"):
+    with writes_nothing(tiny.root), pytest.raises(ValueError, match=r"evil\.ckpt.*never unpickled"):
         main(["fit", "--config", config, "--ckpt_path", str(evil)])
     assert not marker.exists()
-    assert not (tiny.root / "run" / "lightning_logs").exists()
 
 
 def _as_pickle(folder: Path) -> None:
@@ -108,12 +105,29 @@ def _as_pickle(folder: Path) -> None:
     torch.save(state, folder / "pytorch_model.bin")
 
 
+def test_resuming_follows_the_typed_command_not_the_checkpoints_other_options(tiny):
+    # allow_pickle is not a merge setting, but a checkpoint of a run that allowed pickles must not
+    # allow them for the resumed run: Lightning would apply the checkpoint's hyper-parameters
+    folder = tiny.root / "run"
+    main(["fit", "--config", str(write_config(tiny, folder, epochs=1, allow_pickle=True))])
+    _as_pickle(tiny.experts["beta"])
+    config = str(write_config(tiny, folder, epochs=2))
+    with pytest.raises(ExpertMismatchError, match=r"expert 'beta'.*pytorch_model\.bin.*allow_pickle: true"):
+        main(["fit", "--config", config, "--ckpt_path", "last"])
+    other_cache = tiny.root / "other_cache"
+    main(["fit", "--config", config, "--ckpt_path", "last", "--model.init_args.allow_pickle=true",
+          f"--model.init_args.teacher_cache={other_cache}"])  # fmt: skip
+    assert sorted(other_cache.glob("*.safetensors"))  # the typed cache was used, not the checkpoint's
+
+
 def test_pickled_expert_is_refused_unless_allowed(tiny, no_data_read):
     _as_pickle(tiny.experts["beta"])
     config = str(write_config(tiny, tiny.root / "run", epochs=1))
-    with pytest.raises(ExpertMismatchError, match=r"expert 'beta'.*pytorch_model\.bin.*allow_pickle: true"):
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(ExpertMismatchError, match=r"expert 'beta'.*pytorch_model\.bin.*allow_pickle: true"),
+    ):
         main(["fit", "--config", config])
-    assert files_under(tiny.root / "run") == {tiny.root / "run" / "merge.yaml"}
 
 
 def test_allow_pickle_loads_the_same_task_vectors(tiny):
@@ -131,9 +145,11 @@ def test_a_typo_in_an_expert_path_fails_before_the_data_is_read(tiny, no_data_re
     config = write_config(tiny, tiny.root / "run", epochs=1)
     text = config.read_text().replace(str(tiny.experts["beta"]), str(tiny.experts["beta"]) + "x")
     config.write_text(text)
-    with pytest.raises(FileNotFoundError, match=r"expert 'beta': model folder .*betax.* does not exist"):
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(FileNotFoundError, match=r"expert 'beta': model folder .*betax.* does not exist"),
+    ):
         main(["fit", "--config", str(config)])
-    assert files_under(tiny.root / "run") == {config}
 
 
 def test_a_masked_lm_base_is_named_with_the_likely_cause_and_fix(tiny, no_data_read):
@@ -141,9 +157,11 @@ def test_a_masked_lm_base_is_named_with_the_likely_cause_and_fix(tiny, no_data_r
     BertForMaskedLM.from_pretrained(tiny.base).save_pretrained(masked)  # no pooler is saved
     config = write_config(tiny, tiny.root / "run", epochs=1)
     config.write_text(config.read_text().replace(f"base: {tiny.base}", f"base: {masked}"))
-    with pytest.raises(ExpertMismatchError, match=r"model.base .*lacks .*pooler.*BertForMaskedLM.*Fix:"):
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(ExpertMismatchError, match=r"model.base .*lacks .*pooler.*BertForMaskedLM.*Fix:"),
+    ):
         main(["fit", "--config", str(config)])
-    assert files_under(tiny.root / "run") == {config}
 
 
 def test_an_expert_of_other_sizes_is_named_from_its_header(tiny, no_data_read):
@@ -152,7 +170,10 @@ def test_an_expert_of_other_sizes_is_named_from_its_header(tiny, no_data_read):
     state[name] = state[name][:40]
     save_file(state, tiny.experts["alpha"] / "model.safetensors", metadata={"format": "pt"})
     config = str(write_config(tiny, tiny.root / "run", epochs=1))
-    with pytest.raises(ExpertMismatchError, match=r"expert 'alpha'.*layer\.1\.intermediate.*\(40, 32\)"):
+    with (
+        writes_nothing(tiny.root),
+        pytest.raises(ExpertMismatchError, match=r"expert 'alpha'.*layer\.1\.intermediate.*\(40, 32\)"),
+    ):
         main(["fit", "--config", config])
 
 
@@ -161,7 +182,7 @@ def test_the_command_prints_one_line_not_a_traceback(tiny, monkeypatch, capsys):
     config.write_text(config.read_text().replace(str(tiny.experts["beta"]), "/nowhere/beta"))
     monkeypatch.setattr("sys.argv", ["divmerge-pl", "fit", "--config", str(config)])
     monkeypatch.delenv("DIVMERGE_TRACEBACK", raising=False)
-    with pytest.raises(SystemExit) as info:
+    with writes_nothing(tiny.root), pytest.raises(SystemExit) as info:
         console()
     assert info.value.code == 2
     err = capsys.readouterr().err
@@ -192,6 +213,5 @@ def test_the_last_tasks_files_are_checked_before_any_task_is_read(tiny, no_data_
     beta = data["data"]["init_args"]["tasks"][1]
     beta.update({k: str(tiny.root / v) if k.endswith("files") else v for k, v in edit.items()})
     config.write_text(yaml.safe_dump(data))
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with writes_nothing(tiny.root), pytest.raises((ValueError, FileNotFoundError), match=message):
         main(["fit", "--config", str(config)])
-    assert files_under(tiny.root / "run") == {config}

@@ -46,6 +46,8 @@ from divmerge_pl.methods import DEFAULT_METHODS, get_method
 
 HERE = Path(__file__).parent
 # candidates in order of preference; the first --num_tasks whose experts pass the entry rule run
+# every registry baseline, the paper's DivMerge, and this project's variants (issue "Beyond the paper")
+BENCHMARK_METHODS = DEFAULT_METHODS + ",balanced_layer,sharpened_layer"
 DEFAULT_TASKS = ",".join(
     ["bbc_news", "amazon_reviews", "multiemo", "fever", "hyperbaton", "epistemic_reasoning"]
     + ["vitaminc", "formal_fallacies", "movie_dialog", "trump_tweets"]
@@ -196,13 +198,13 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
 
 
 def compare_subset(
-    args, base: Path, experts: dict[str, Path], subset, methods: list[str], folder: Path
+    args, base: Path, experts: dict[str, Path], subset, methods: list[str], folder: Path, writer=None
 ) -> dict:
     """Every method on one subset, through the harness of ``divmerge-pl compare`` (rows read and
     tokenised once). Each finished run is recorded under ``args.records`` (kept in the
     repository, so the benchmark resumes across sessions and machines) and reused while its key
     (config, weights, method settings) is unchanged; a method added later runs alone."""
-    config = write_config(args, base, experts, subset, args.inputs, folder / "merge.yaml")
+    config = (writer or write_config)(args, base, experts, subset, args.inputs, folder / "merge.yaml")
     models = {"base": base, **{t: experts[t] for t in subset}}
     records = Path(args.records).expanduser() / "+".join(subset)
     reports, seconds, data = {}, {}, None
@@ -294,12 +296,13 @@ def plot(summary: dict, methods: list[str], ks: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The options of both arms (run_lm.py changes some defaults)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", default=DEFAULT_TASKS)
-    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--methods", default=BENCHMARK_METHODS)
     parser.add_argument("--num_tasks", type=int, default=7, help="tasks taken from the candidates")
     parser.add_argument("--min_margin", type=float, default=0.1, help="expert accuracy over majority rate")
     parser.add_argument("--root", default="~/.cache/divmerge_pl/quality_v2", help="data, experts, teachers")
@@ -327,24 +330,38 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         help="an option of fit for every run, e.g. --fit_option=--trainer.max_epochs=1 (repeatable)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def chosen_tasks(args: argparse.Namespace) -> list[str]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.quick:
         tasks, args.subsets, args.sweep = tasks[:3], 1, ""
     if len(tasks) < 2:
         raise SystemExit("--tasks: give at least two tasks")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    out = Path(args.out).expanduser()
-    work = Path(args.root).expanduser() / "runs"
+    return tasks
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser(__doc__).parse_args(argv)
+    tasks = chosen_tasks(args)
     start = time.perf_counter()
     base, experts, summaries = prepare_experts(args, tasks)
+    print(f"experts ready in {time.perf_counter() - start:.0f} s: {list(experts)}", flush=True)
+    return run_grid(args, base, experts, summaries)
+
+
+def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer=None, ks=None) -> dict:
+    """Every method on every planned subset (round robin over k), then the inputs sweep; results
+    written after each subset. ``writer``: the config writer (the encoder's by default)."""
     tasks = list(experts)
     if len(tasks) < 2:
         raise SystemExit(f"only {tasks} passed the entry rule; give more --tasks")
-    print(f"experts ready in {time.perf_counter() - start:.0f} s: {tasks}", flush=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out).expanduser()
+    work = Path(args.root).expanduser() / "runs"
     bench_start = time.perf_counter()
-    ks = list(range(2, len(tasks) + 1))
+    ks = ks or list(range(2, len(tasks) + 1))
     plan = {k: task_subsets(tasks, k, args.subsets, args.seed) for k in ks}
     results = {
         "settings": {
@@ -369,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
             subset = plan[k][i]
             name = "+".join(subset)
             print(f"k={k}: {name}", flush=True)
-            comparison = compare_subset(args, base, experts, subset, methods, work / name)
+            comparison = compare_subset(args, base, experts, subset, methods, work / name, writer)
             results["runs"].append(
                 {
                     "k": k,
@@ -381,14 +398,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
             write_results(out, results, methods, bench_start)
         if i == min(args.subsets, len(plan[2])) - 1:  # once every k has its subsets
-            run_sweep(args, base, experts, results, work)
+            run_sweep(args, base, experts, results, work, writer)
             write_results(out, results, methods, bench_start)
     print(results_table(results, methods))
     print(f"benchmark {results['benchmark_seconds']:.0f} s after the experts; wrote {out / 'results.json'}")
     return results
 
 
-def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: Path) -> None:
+def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: Path, writer=None) -> None:
     """Layer-level JS on the largest subset with fewer or more unlabelled inputs per task."""
     largest = results["inputs_sweep"]["tasks"]
     for inputs in [int(x) for x in args.sweep.split(",") if x.strip()]:
@@ -397,7 +414,7 @@ def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: P
             results["inputs_sweep"]["anp"][str(inputs)] = same[0]["anp"]["divmerge_layer"]
             continue
         folder = work / f"sweep_{inputs}"
-        wanted = write_config(args, base, experts, largest, inputs, work / f"sweep_{inputs}.yaml")
+        wanted = (writer or write_config)(args, base, experts, largest, inputs, work / f"sweep_{inputs}.yaml")
         key = run_key(args, wanted, {"base": base, **{t: experts[t] for t in largest}}, "divmerge_layer")
         record = Path(args.records).expanduser() / f"sweep_{inputs}.json"
         if record.is_file() and (saved := json.loads(record.read_text()))["key"] == key:

@@ -82,7 +82,7 @@ def answer_accuracy(model, tokenizer, task: TaskSpec, rows: list[dict], max_leng
         chunk = rows[start : start + 32]
         batch = tokenizer.pad(
             {"input_ids": _prompt_ids(tokenizer, task, chunk, max_length)}, return_tensors="pt"
-        )
+        ).to(model.device)
         answers, _ = generate_answers(
             model,
             batch["input_ids"],
@@ -107,15 +107,24 @@ def finetune_lm_expert(
     lr: float = 5e-5,
     max_length: int = 48,
     seed: int = 0,
+    patience: int | None = None,
+    val_rows: int = 200,
+    test_rows: int = 100,
+    show_progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Fine-tune ``base`` to answer ``prompt`` with the row's label word and EOS (loss on the
-    answer only; embeddings, and the LM head tied to them, frozen); save to ``out_dir``."""
+    answer only; embeddings, and the LM head tied to them, frozen); save to ``out_dir``.
+
+    With ``patience``, up to ``epochs`` epochs with early stopping on the greedy accuracy of the
+    first ``val_rows`` rows of ``val.jsonl``: the best epoch's weights are kept (converged
+    experts, as a user would train them); without it, exactly ``epochs`` epochs."""
     if (out_dir / "finetune.json").is_file():
         return json.loads((out_dir / "finetune.json").read_text())
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     model.get_input_embeddings().weight.requires_grad_(False)
     train = _rows(task_dir / "train.jsonl")
     answers = {w: tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in task.label_words}
@@ -125,8 +134,12 @@ def finetune_lm_expert(
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
+    val = _rows(task_dir / "val.jsonl")[:val_rows] if patience is not None else []
+    val_scores: list[float] = []
+    best: dict[str, torch.Tensor] | None = None
     model.train()
-    with tqdm(total=steps, desc=f"fine-tuning LM expert {out_dir.name}") as bar:
+    desc = f"fine-tuning LM expert {out_dir.name}"
+    with tqdm(total=steps, desc=desc, disable=not show_progress) as bar:
         for _ in range(epochs):
             perm = torch.randperm(len(train), generator=order).tolist()
             for i in range(0, len(perm), batch_size):
@@ -136,7 +149,7 @@ def finetune_lm_expert(
                     p + answers[task.label_words[r["label"]]] + [tokenizer.eos_token_id]
                     for p, r in zip(prompts, chunk, strict=True)
                 ]
-                batch = tokenizer.pad({"input_ids": full}, return_tensors="pt")
+                batch = tokenizer.pad({"input_ids": full}, return_tensors="pt").to(device)
                 labels = batch["input_ids"].clone()
                 width = batch["input_ids"].shape[1]
                 for row, (p, f) in enumerate(zip(prompts, full, strict=True)):
@@ -148,16 +161,34 @@ def finetune_lm_expert(
                 optimizer.zero_grad()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if patience is None:
+                continue
+            val_scores.append(answer_accuracy(model, tokenizer, task, val, max_length))
+            model.train()
+            if val_scores.index(max(val_scores)) == len(val_scores) - 1:  # a new best (ties: the first)
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif len(val_scores) - 1 - val_scores.index(max(val_scores)) >= patience:
+                break
+    if best is not None:
+        model.load_state_dict(best)
     seconds = time.perf_counter() - start
-    score = answer_accuracy(model, tokenizer, task, _rows(task_dir / "test.jsonl")[:100], max_length)
+    score = answer_accuracy(model, tokenizer, task, _rows(task_dir / "test.jsonl")[:test_rows], max_length)
     summary = {
         "task": out_dir.name,
-        "eval_accuracy_first_100": score,
+        f"eval_accuracy_first_{test_rows}": score,
         "train_rows": len(train),
         "epochs": epochs,
         "lr": lr,
         "seconds": round(seconds, 1),
     }
+    if patience is not None:
+        summary.update(
+            val_accuracy_per_epoch=val_scores,
+            best_epoch=val_scores.index(max(val_scores)) + 1,
+            epochs_run=len(val_scores),
+            patience=patience,
+        )
+    model.to("cpu")
     save_expert(model, AutoTokenizer.from_pretrained(base), summary, out_dir)  # the base's padding sides
     return summary
 

