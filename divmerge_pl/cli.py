@@ -183,6 +183,7 @@ def console() -> None:
 def main(args: list[str] | None = None) -> Any:
     """Run ``divmerge-pl`` on ``args`` (the process's arguments when None); returns what merge
     (the run's folder) or compare (the comparison) returns, else the CLI."""
+    # HF_HUB_OFFLINE is the user's to set: models may be Hub ids (hub.py)
     filter_notices()
     cli = build_cli(args)  # None: LightningCLI reads sys.argv itself
     return getattr(cli, "result", cli)
