@@ -262,6 +262,7 @@ class DivMergeModule(L.LightningModule):
 
     @override
     def prepare_data(self) -> None:
+        follow_trainer(self._trainer)  # a Hub model's download bars too (None: called from Python)
         # before the datamodule reads and tokenises anything: paths, configs, weight formats and
         # tensor shapes (safetensors headers) fail in a second, not after the data is ready
         checked = check_models(self.hparams.base, dict(self.hparams.experts), self.hparams.allow_pickle)
