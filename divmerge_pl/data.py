@@ -215,6 +215,7 @@ class MergeDataModule(L.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
+        follow_trainer(self.trainer)  # a Hub dataset's download bars too
         self.check_sources()
 
     def check_sources(self) -> None:

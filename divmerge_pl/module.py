@@ -270,6 +270,7 @@ class DivMergeModule(L.LightningModule):
 
     @override
     def prepare_data(self) -> None:
+        follow_trainer(self._trainer)  # a Hub model's download bars too (None: called from Python)
         # before the datamodule reads and tokenises anything: paths, configs, weight formats and
         # tensor shapes (safetensors headers) fail in a second, not after the data is ready
         hp = self.hparams

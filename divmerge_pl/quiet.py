@@ -46,7 +46,7 @@ def set_progress_bars(enabled: bool) -> None:
 
 def follow_trainer(trainer: Trainer | None) -> bool:
     """Set the libraries' bars as the Trainer's (called from the hooks that know it: the
-    datamodule's and module's ``setup``); returns whether bars are shown, for our own tqdm bars."""
+    datamodule's and module's ``prepare_data`` and ``setup``); returns whether bars are shown."""
     shown = show_progress(trainer)
     set_progress_bars(shown)
     return shown

@@ -110,3 +110,33 @@ def test_merges_own_option_in_a_config_file_is_named(tiny):
     with pytest.raises(ValueError, match=r"method came from a config file; give --method on the command"):
         main(["merge", "--config", str(config)])
     assert not (tiny.root / "run" / "lightning_logs").exists()
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("hook", ["data", "model"])
+def test_bars_are_off_before_prepare_data_reads_or_downloads(tiny, monkeypatch, hook):
+    """A Hub model or dataset is fetched in prepare_data, before any setup: its download bars
+    must already follow the Trainer's."""
+    from divmerge_pl import MergeDataModule, module, quiet
+
+    seen = {}
+
+    def sources(self):
+        seen["data"] = quiet.bars_enabled()
+        quiet.set_progress_bars(True)  # so the model's hook must turn them off itself
+
+    def models(*args):
+        seen["model"] = quiet.bars_enabled()
+        raise Stop
+
+    monkeypatch.setattr(MergeDataModule, "check_sources", sources)
+    monkeypatch.setattr(module, "check_models", models)
+    quiet.set_progress_bars(True)
+    config = write_config(tiny, tiny.root / "run")
+    with pytest.raises(Stop):
+        main(["fit", "--config", str(config), "--trainer.enable_progress_bar=false"])
+    assert seen[hook] is False
+    quiet.set_progress_bars(True)
