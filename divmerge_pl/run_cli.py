@@ -17,6 +17,7 @@ from .callbacks import CoefficientMonitor, MergedModelExport
 from .data import MergeDataModule
 from .module import DivMergeModule
 from .resume import check_resume, latest_checkpoint
+from .run_outputs import RunFolderConfig
 
 USAGE = "divmerge-pl {name} --config CONFIG [options] (--help lists them)"
 
@@ -81,6 +82,9 @@ CLI_SETTINGS: dict[str, Any] = {
     "subclass_mode_model": True,
     "subclass_mode_data": True,
     "auto_configure_optimizers": False,
+    # config.yaml in the run's own folder, whatever the logger (Lightning's goes to trainer.log_dir,
+    # a W&B or MLflow logger's shared root, where the second run stops)
+    "save_config_callback": RunFolderConfig,
 }
 
 

@@ -133,7 +133,7 @@ def test_bars_are_off_before_prepare_data_reads_or_downloads(tiny, monkeypatch, 
         raise Stop
 
     monkeypatch.setattr(MergeDataModule, "check_sources", sources)
-    monkeypatch.setattr(module, "check_models", models)
+    monkeypatch.setattr(module, "check_with_adapters", models)
     quiet.set_progress_bars(True)
     config = write_config(tiny, tiny.root / "run")
     with pytest.raises(Stop):

@@ -265,3 +265,12 @@ def test_run_folder_config_gives_each_run_its_own_config_yaml(tiny_setup, tmp_pa
     save_config(cli_with_logger(tiny_setup, tmp_path / "plain", "run-a", SaveConfigCallback))
     with pytest.raises(RuntimeError, match="expected .*logs/config.yaml to NOT exist"):
         save_config(cli_with_logger(tiny_setup, tmp_path / "plain", "run-b", SaveConfigCallback))
+
+
+def test_the_command_saves_its_config_into_the_run_folder(tiny):
+    from divmerge_pl.cli import build_cli
+    from divmerge_pl.run_outputs import RunFolderConfig
+
+    config = write_config(tiny, tiny.root / "run", epochs=1)
+    cli = build_cli(["--config", str(config)], run=False)
+    assert cli.save_config_callback is RunFolderConfig
