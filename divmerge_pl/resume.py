@@ -75,11 +75,12 @@ def settings_error(path: str, differences: list[tuple[str, Any, Any]]) -> Resume
 
 def latest_checkpoint(root: str | None) -> str | None:
     """The newest ``last.ckpt`` under ``root`` (None, and a fresh start, if there is none):
-    Lightning's own "last" looks only in this run's new, empty version folder."""
-    found = sorted(
-        Path(root or ".").expanduser().glob("lightning_logs/version_*/checkpoints/last.ckpt"),
-        key=lambda p: p.stat().st_mtime,
-    )
+    Lightning's own "last" looks only in this run's new, empty version folder. Wherever the
+    logger puts runs (``<name>/<version>/checkpoints``: CSV, TensorBoard, W&B or MLflow saving
+    under ``root``), or ``root/checkpoints`` without a logger."""
+    folder = Path(root or ".").expanduser()
+    patterns = ("checkpoints/last.ckpt", "*/checkpoints/last.ckpt", "*/*/checkpoints/last.ckpt")
+    found = sorted({p for pattern in patterns for p in folder.glob(pattern)}, key=lambda p: p.stat().st_mtime)
     if not found:
         rank_zero_info(f"--ckpt_path last: no last.ckpt under {root or '.'!r}; starting a new run")
         return None

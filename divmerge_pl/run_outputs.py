@@ -94,7 +94,11 @@ class RunFolderConfig(SaveConfigCallback):
         if self.save_to_log_dir:
             path = shared_run_folder(trainer) / self.config_filename  # on every rank: it broadcasts
             taken = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
-            if taken and not self.overwrite:
+            # resuming a run in its own folder (no logger) continues it: its config is replaced by
+            # the resumed run's, whose merge settings were checked equal at parse time
+            ckpt = self.config.get("ckpt_path") if hasattr(self.config, "get") else None
+            resumed_here = ckpt is not None and path.parent in Path(ckpt).expanduser().parents
+            if taken and not self.overwrite and not resumed_here:
                 raise RuntimeError(
                     f"{str(path)!r} holds the config of an earlier run in this folder; give the run "
                     "another folder (trainer.default_root_dir, or the logger's version) or set "
@@ -106,7 +110,7 @@ class RunFolderConfig(SaveConfigCallback):
                     self.config,
                     str(path),
                     skip_none=False,
-                    overwrite=self.overwrite,
+                    overwrite=self.overwrite or resumed_here,
                     multifile=self.multifile,
                 )
         if trainer.is_global_zero:

@@ -83,3 +83,29 @@ def test_non_finite_objective_stops_with_step_and_task_and_keeps_good_coefficien
 def test_ckpt_path_last_without_an_earlier_run_starts_fresh(tiny):
     main(["fit", "--config", str(write_config(tiny, tiny.root / "new", epochs=1)), "--ckpt_path", "last"])
     assert (run_dir(tiny.root / "new") / "report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "logger",
+    [
+        ["--trainer.logger=false"],
+        ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir={root}",
+         "--trainer.logger.name=mine", "--trainer.logger.version=first"],
+    ],
+    ids=["no-logger", "named-logger"],
+)  # fmt: skip
+def test_ckpt_path_last_finds_the_run_under_any_logger(tiny, logger):
+    root = tiny.root / "runs"
+    options = [o.format(root=root) for o in logger]
+    main(["fit", "--config", str(write_config(tiny, root, epochs=1)), *options])
+    (first,) = root.rglob("last.ckpt")
+    from divmerge_pl.resume import latest_checkpoint
+
+    assert latest_checkpoint(str(root)) == str(first)
+    if "--trainer.logger=false" not in options:
+        options[-1] = "--trainer.logger.version=second"  # a new version resumes the first's state
+    else:  # one folder for both runs: the finished run's outputs are replaced only when asked
+        options.append("--export.overwrite=true")
+    main(["fit", "--config", str(write_config(tiny, root, epochs=2)), *options, "--ckpt_path", "last"])
+    checkpoints = sorted(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert torch.load(checkpoints[-1], weights_only=True)["epoch"] == 1  # resumed at epoch 1, not 0
