@@ -107,14 +107,31 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     (records / "screening.json").write_text(json.dumps(screening))
     bench.main(swept)
     assert calls == []
-    # other expert weights: the record no longer matches, so the method runs again
+    # a record's key is the experts' recipe, not their weights: an expert fine-tuned again (another
+    # session rounds differently) keeps it; other settings or other data change it
     config = root / "runs" / "bbc_news+amazon_reviews" / "merge.yaml"
     models = {"base": root / "models" / "base", "bbc_news": root / "experts" / "bbc_news"}
     args = type("Args", (), {"root": str(root)})()
     key = bench.run_key(args, config, models, "ties")
     assert key == bench.run_key(args, config, models, "ties") != bench.run_key(args, config, models, "dare")
-    other = {**models, "bbc_news": root / "experts" / "amazon_reviews"}
-    assert key != bench.run_key(args, config, other, "ties")
+    assert key != bench.run_key(
+        args, config, {**models, "bbc_news": root / "experts" / "amazon_reviews"}, "ties"
+    )
+    record = json.loads((records / "bbc_news+amazon_reviews" / "ties.json").read_text())
+    assert record["weights"] == bench.weight_digests(
+        {**models, "amazon_reviews": root / "experts" / "amazon_reviews"}
+    )
+    weights = root / "experts" / "bbc_news" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")  # other bits, the same recipe
+    assert bench.run_key(args, config, models, "ties") == key
+    recipe = root / "experts" / "bbc_news" / "finetune.json"
+    summary = json.loads(recipe.read_text())
+    recipe.write_text(json.dumps({**summary, "settings": {**summary["settings"], "lr": 1.0}}))
+    assert bench.run_key(args, config, models, "ties") != key
+    recipe.write_text(json.dumps(summary))
+    data = root / "data" / "bbc_news" / "train.jsonl"
+    data.write_text(data.read_text() + "\n")
+    assert bench.run_key(args, config, models, "ties") != key
 
 
 def test_subsets_are_all_pairs_then_a_seeded_sample():

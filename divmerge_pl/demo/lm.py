@@ -175,6 +175,9 @@ def finetune_lm_expert(
     score = answer_accuracy(model, tokenizer, task, _rows(task_dir / "test.jsonl")[:test_rows], max_length)
     summary = {
         "task": out_dir.name,
+        # what the expert is a function of (the quality benchmark keys its records on it)
+        "settings": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length,
+                     "seed": seed, "patience": patience, "val_rows": val_rows},  # fmt: skip
         f"eval_accuracy_first_{test_rows}": score,
         "train_rows": len(train),
         "epochs": epochs,
