@@ -69,6 +69,24 @@ def prepare_experts(args: argparse.Namespace, tasks: list[str]) -> tuple[Path, d
     order until ``args.num_tasks`` pass the entry rule (test accuracy >= majority + min_margin)."""
     root = Path(args.root).expanduser()
     base = prepare_base(root)
+
+    def train(task: str) -> tuple[Path, dict]:
+        folder = prepare_task(root, task, args.train_size, args.val_size, args.test_size, args.seed)
+        expert = root / "experts" / task
+        return expert, finetune_expert(
+            base, folder, expert, epochs=args.finetune_epochs, patience=args.patience,
+            lr=args.finetune_lr, max_length=args.max_length, seed=args.seed, show_progress=False,
+        )  # fmt: skip
+
+    experts, summaries = screen_experts(args, tasks, training_settings(args), train)
+    return base, experts, summaries
+
+
+def screen_experts(args, tasks: list[str], settings: dict, train) -> tuple[dict[str, Path], dict]:
+    """Candidates in order until ``args.num_tasks`` pass the entry rule, each screening recorded
+    in ``records/screening.json``: a candidate left out with these very ``settings`` is not
+    trained again. ``train(task)`` gives the expert's folder and its summary (``eval_accuracy``,
+    ``majority_rate``, ...). Both arms screen through here."""
     screening_file = Path(args.records).expanduser() / "screening.json"
     screened = json.loads(screening_file.read_text()) if screening_file.is_file() else {}
     experts, summaries = {}, {}
@@ -76,36 +94,25 @@ def prepare_experts(args: argparse.Namespace, tasks: list[str]) -> tuple[Path, d
         if len([t for t in summaries if summaries[t]["entered"]]) >= args.num_tasks:
             break
         recorded = screened.get(task)
-        same = recorded is not None and recorded["training"] == training_settings(args)
-        if same and not recorded["summary"]["entered"]:
-            # a candidate the entry rule left out with these very settings is not trained again
+        if recorded is not None and recorded["training"] == settings and not recorded["summary"]["entered"]:
             summaries[task] = {**recorded["summary"], "screening": "recorded"}
             print(f"expert {task}: left out by a recorded screening ({screening_file})", flush=True)
             continue
-        folder = prepare_task(root, task, args.train_size, args.val_size, args.test_size, args.seed)
-        experts[task] = root / "experts" / task
-        summaries[task] = finetune_expert(
-            base, folder, experts[task], epochs=args.finetune_epochs, patience=args.patience,
-            lr=args.finetune_lr, max_length=args.max_length, seed=args.seed, show_progress=False,
-        )  # fmt: skip
-        s = summaries[task]
+        experts[task], s = train(task)
+        s["entered"] = s["eval_accuracy"] >= s["majority_rate"] + args.min_margin
+        s["fingerprint"] = file_digest(experts[task] / "model.safetensors")
+        top = f"mean top probability {s['mean_top_probability']:.3f}, " if "mean_top_probability" in s else ""
         print(
             f"expert {task}: test accuracy {s['eval_accuracy']:.3f}, majority {s['majority_rate']:.3f}, "
-            f"mean top probability {s['mean_top_probability']:.3f}, best epoch {s['best_epoch']} of "
-            f"{s['epochs_run']} ({s['seconds']:.0f} s)",
+            f"{top}best epoch {s.get('best_epoch')} of {s.get('epochs_run')} ({s['seconds']:.0f} s)"
+            + ("" if s["entered"] else f"; left out (not {args.min_margin} above its majority class)"),
             flush=True,
         )
-        s["entered"] = s["eval_accuracy"] >= s["majority_rate"] + args.min_margin
-        if not s["entered"]:
-            print(
-                f"  {task} left out: its expert is not {args.min_margin} above its majority class", flush=True
-            )
-        s["fingerprint"] = file_digest(experts[task] / "model.safetensors")
-        screened[task] = {"training": training_settings(args), "summary": s}
+        summaries[task] = s
+        screened[task] = {"training": settings, "summary": s}
         screening_file.parent.mkdir(parents=True, exist_ok=True)
         screening_file.write_text(json.dumps(screened, indent=2, sort_keys=True) + "\n")
-    entered = {t: p for t, p in experts.items() if summaries[t]["entered"]}
-    return base, entered, summaries
+    return {t: p for t, p in experts.items() if summaries[t]["entered"]}, summaries
 
 
 def training_settings(args: argparse.Namespace) -> dict:

@@ -69,49 +69,28 @@ def task_spec(args, task: str, words: list[str]) -> dict:
 
 
 def prepare_lm_experts(args, tasks: list[str]) -> tuple[Path, dict[str, Path], dict]:
-    """Base, data and one converged LM expert per task, screened in order until
-    ``args.num_tasks`` pass the entry rule; screenings recorded as in the encoder arm."""
+    """Base, data and one converged LM expert per task, screened as in the encoder arm."""
     root = Path(args.root).expanduser()
     base = prepare_lm_base(root)
-    screening_file = Path(args.records).expanduser() / "screening.json"
-    screened = json.loads(screening_file.read_text()) if screening_file.is_file() else {}
-    experts, summaries = {}, {}
     args.words = {}
-    for task in tasks:
-        if len([t for t in summaries if summaries[t]["entered"]]) >= args.num_tasks:
-            break
+
+    def train(task: str) -> tuple[Path, dict]:
         folder = prepare_task(root, task, args.train_size, args.val_size, args.test_size, args.seed)
         args.words[task] = label_words(folder)
-        recorded = screened.get(task)
-        same = recorded is not None and recorded["training"] == training_settings(args)
-        if same and not recorded["summary"]["entered"]:
-            summaries[task] = {**recorded["summary"], "screening": "recorded"}
-            print(f"expert {task}: left out by a recorded screening ({screening_file})", flush=True)
-            continue
         spec = TaskSpec(**{**task_spec(args, task, args.words[task]), "num_samples": 1})
-        experts[task] = root / "experts" / task
+        expert = root / "experts" / task
         s = finetune_lm_expert(
-            base, spec, folder, experts[task], epochs=args.finetune_epochs, batch_size=8,
+            base, spec, folder, expert, epochs=args.finetune_epochs, batch_size=8,
             lr=args.finetune_lr, max_length=args.max_length, seed=args.seed, patience=args.patience,
             val_rows=args.val_samples, test_rows=args.test_size, show_progress=False, device=args.device,
         )  # fmt: skip
         s["eval_accuracy"] = s.pop(f"eval_accuracy_first_{args.test_size}", s.get("eval_accuracy"))
-        test_labels = [json.loads(line)["label"] for line in (folder / "test.jsonl").read_text().splitlines()]
-        s["majority_rate"] = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
-        s["entered"] = s["eval_accuracy"] >= s["majority_rate"] + args.min_margin
-        s["fingerprint"] = encoder_arm.file_digest(experts[task] / "model.safetensors")
-        print(
-            f"expert {task}: test accuracy {s['eval_accuracy']:.3f}, majority {s['majority_rate']:.3f}, "
-            f"best epoch {s.get('best_epoch')} of {s.get('epochs_run')} ({s['seconds']:.0f} s)"
-            + ("" if s["entered"] else f"; left out (not {args.min_margin} above its majority class)"),
-            flush=True,
-        )
-        summaries[task] = s
-        screened[task] = {"training": training_settings(args), "summary": s}
-        screening_file.parent.mkdir(parents=True, exist_ok=True)
-        screening_file.write_text(json.dumps(screened, indent=2, sort_keys=True) + "\n")
-    entered = {t: p for t, p in experts.items() if summaries[t]["entered"]}
-    return base, entered, summaries
+        labels = [json.loads(line)["label"] for line in (folder / "test.jsonl").read_text().splitlines()]
+        s["majority_rate"] = max(labels.count(c) for c in set(labels)) / len(labels)
+        return expert, s
+
+    experts, summaries = encoder_arm.screen_experts(args, tasks, training_settings(args), train)
+    return base, experts, summaries
 
 
 def training_settings(args) -> dict:
