@@ -50,7 +50,7 @@ if {phase!r} == "load":
     from divmerge_pl.experts import load_experts
     loaded = load_experts(setup["base"], experts, getattr(torch, {dtype!r}))
     peak = status("VmHWM") - start
-    base = sum(p.numel() * p.element_size() for p in loaded.skeleton.parameters())
+    base = sum(p.numel() * p.element_size() for p in loaded.base_model.parameters())
     tau = sum(v.numel() * v.element_size() for v in loaded.task_vectors.values())
     print("RESULT", json.dumps({{"peak_added": peak, "base_bytes": base, "task_vector_bytes": tau}}))
     sys.exit(0)
@@ -75,7 +75,7 @@ specs = [TaskSpec(name=t, train_files=f["train"], num_samples=200) for t, f in d
 dm = MergeDataModule(specs, tokenizer=setup["base"], batch_size=4 * {n}, max_length=64)
 L.Trainer(max_steps={steps}, logger=False, enable_checkpointing=False, enable_progress_bar=False,
           enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
-base = sum(p.numel() * p.element_size() for p in module.frozen.skeleton.parameters())
+base = sum(p.numel() * p.element_size() for p in module.frozen.base_model.parameters())
 tau = sum(v.numel() * v.element_size() for v in module.frozen.task_vectors().values())
 peak = status("VmHWM") - start
 print("RESULT", json.dumps({{"peak_added": peak, "base_bytes": base, "task_vector_bytes": tau}}))

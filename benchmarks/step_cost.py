@@ -21,7 +21,7 @@ from common import StepTimer, add_common_args, expert_setups, gpu_peak, write_re
 from transformers import AutoModelForSequenceClassification
 
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
-from divmerge_pl import module as module_file
+from divmerge_pl import kinds as kinds_file  # where the teachers' pass calls compute_logprobs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,15 +67,15 @@ def datamodule(setup: dict, batch_size: int, length: int) -> MergeDataModule:
 
 def count_teacher_rows() -> tuple[list[int], callable]:
     rows: list[int] = []
-    real = module_file.compute_logprobs
+    real = kinds_file.compute_logprobs
 
-    def counting(forward, batches, desc, show=True):  # as DivMergeModule calls it
+    def counting(forward, batches, desc, show=True):  # as kinds.py calls it
         out = real(forward, batches, desc, show)
         rows.append(out.shape[0])
         return out
 
-    module_file.compute_logprobs = counting
-    return rows, lambda: setattr(module_file, "compute_logprobs", real)
+    kinds_file.compute_logprobs = counting
+    return rows, lambda: setattr(kinds_file, "compute_logprobs", real)
 
 
 # (granularity, merge_on_demand, other options): the default at both granularities, the whole

@@ -178,7 +178,7 @@ class MergedModelExport(L.Callback):
         """Folder name inside ``merged/`` -> its Hub repository (empty without push_to_hub)."""
         if self.push_to_hub is None:
             return {}
-        repo_ids = hub_repo_ids(self.push_to_hub, module.tasks, one_model=module.generative)
+        repo_ids = hub_repo_ids(self.push_to_hub, module.tasks, one_model=module.is_causal_lm)
         check_repo_ids(repo_ids)
         check_can_push()
         return repo_ids
@@ -214,9 +214,11 @@ class MergedModelExport(L.Callback):
             experts={t: str(module.hparams.experts[t]) for t in module.tasks},
             report=report,
             recipe=recipe,
-            model_class="AutoModelForCausalLM" if module.generative else "AutoModelForSequenceClassification",
+            model_class="AutoModelForCausalLM"
+            if module.is_causal_lm
+            else "AutoModelForSequenceClassification",
             dtype=export_dtype(self.dtype, frozen.configs, frozen.paths),
-            generative=module.generative,
+            is_causal_lm=module.is_causal_lm,
             hub_ids=tuple(i for i in hub_ids if i is not None),  # resolved into the Hub cache
         )
         repo_ids = self.repo_ids(module)

@@ -205,7 +205,7 @@ class MergeDataModule(L.LightningDataModule):
         return [t.name for t in self.tasks]
 
     @property
-    def prompted(self) -> bool:
+    def is_causal_lm(self) -> bool:
         """Inputs are prompts for causal LMs (left-padded, answers appended by the module)."""
         return self.tasks[0].prompt is not None
 
@@ -261,7 +261,7 @@ class MergeDataModule(L.LightningDataModule):
             raise ValueError("data.tokenizer is not set: give the base model's folder")
         folder = local_or_snapshot(self.tokenizer_path, "data.tokenizer")  # a folder, or a Hub id's snapshot
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        if self.prompted:
+        if self.is_causal_lm:
             # answers are appended after the prompt, so pads go first; too long a prompt loses
             # its start, never the "Answer:" it ends with
             self.tokenizer.padding_side = "left"
@@ -500,3 +500,20 @@ def _as_reference(task: TaskSpec, value: Any) -> str:
             f"{len(task.label_words)}: {task.label_words})"
         )
     return task.label_words[label]
+
+
+def checked_datamodule(dm: object, tasks: tuple[str, ...]) -> MergeDataModule:
+    """``dm`` if it is a MergeDataModule whose task names are exactly ``tasks`` (the experts')."""
+    if not isinstance(dm, MergeDataModule):
+        raise TypeError(
+            "DivMergeModule needs a MergeDataModule (its rows carry task and row ids); "
+            f"got {type(dm).__name__}"
+        )
+    missing = [t for t in tasks if t not in dm.task_names]
+    extra = [t for t in dm.task_names if t not in tasks]
+    if missing or extra:
+        raise ValueError(
+            f"tasks and experts differ: experts without a task {missing}, "
+            f"tasks without an expert {extra}; model.experts keys must equal data.tasks names"
+        )
+    return dm

@@ -78,7 +78,7 @@ class LoadedExperts:
     """What merging needs, with each expert kept as a task vector rather than a model copy."""
 
     kind: TaskKind
-    skeleton: torch.nn.Module  # the base weights (theta0) in the experts' architecture
+    base_model: torch.nn.Module  # the base weights (theta0) in the experts' architecture
     tasks: tuple[str, ...]
     task_vectors: dict[str, Tensor]  # tensor name -> [num_tasks, *shape]; only tensors that differ
     heads: dict[str, dict[str, Tensor]]  # task -> its own head tensors (kept, never merged)
@@ -145,17 +145,17 @@ def load_experts(
 
     # The base in the experts' architecture: its backbone is theta0, its own head is unused.
     safe = {"use_safetensors": None if allow_pickle else True}
-    skeleton_config = configs.get(first, checked.base_config)  # an adapter's: the base's own
-    skeleton, info = _load(cls, paths["base"], "model.base", config=skeleton_config, **safe)
-    heads = head_names(skeleton, kind)
-    base_state = {n: p.detach() for n, p in skeleton.named_parameters()}
+    base_config = configs.get(first, checked.base_config)  # an adapter's: the base's own
+    base_model, info = _load(cls, paths["base"], "model.base", config=base_config, **safe)
+    heads = head_names(base_model, kind)
+    base_state = {n: p.detach() for n, p in base_model.named_parameters()}
     missing = sorted(n for n in info["missing_keys"] if n not in heads)
     if missing:
         raise ExpertMismatchError(
             f"model.base {str(paths['base'])!r} lacks tensor {missing[0]!r} "
             f"({len(missing)} missing in all) that the experts' architecture needs"
         )
-    for param in skeleton.parameters():
+    for param in base_model.parameters():
         param.requires_grad_(False)
     _check_finite("model.base", {n: t for n, t in base_state.items() if n not in heads})
 
@@ -164,7 +164,7 @@ def load_experts(
     task_vectors: dict[str, Tensor] = {}
     task_heads: dict[str, dict[str, Tensor]] = {}
     fingerprints = {"base": fingerprint({n: base_state[n] for n in merged_names})}
-    on_disk = set(skeleton.state_dict()) - set(tied_alias_names(skeleton))
+    on_disk = set(base_model.state_dict()) - set(tied_alias_names(base_model))
     for t, task in enumerate(tasks):
         _check_tokenizer(task, paths[task], paths["base"])
         if task in adapters:
@@ -185,7 +185,7 @@ def load_experts(
             _add_task_vector(task_vectors, name, t, tensor, base_state[name], len(tasks), vector_dtype)
         fingerprints[task] = digest.hexdigest()
         task_heads.setdefault(task, {})
-    lora = read_lora_experts(skeleton, kind, tasks, adapters, heads, allow_pickle)
+    lora = read_lora_experts(base_model, kind, tasks, adapters, heads, allow_pickle)
     for task in adapters:  # tensors an adapter saves whole (modules_to_save) merge as dense vectors
         t = tasks.index(task)
         for name, tensor in lora.full[task].items():
@@ -196,7 +196,7 @@ def load_experts(
     task_vectors = {n: task_vectors[n] for n in merged_names if n in task_vectors}  # model order
     return LoadedExperts(
         kind=kind,
-        skeleton=skeleton,
+        base_model=base_model,
         tasks=tasks,
         task_vectors=task_vectors,
         heads={task: task_heads[task] for task in tasks},

@@ -78,10 +78,10 @@ def expert_tensors(
 
 
 def forward_logits(
-    skeleton: torch.nn.Module, tensors: dict[str, Tensor], inputs: dict[str, Tensor]
+    base_model: torch.nn.Module, tensors: dict[str, Tensor], inputs: dict[str, Tensor]
 ) -> Tensor:
-    """Run ``skeleton`` with ``tensors`` in place of its own (the rest stay the base's)."""
-    return functional_call(skeleton, tensors, args=(), kwargs=inputs, strict=False).logits
+    """Run ``base_model`` with ``tensors`` in place of its own (the rest stay the base's)."""
+    return functional_call(base_model, tensors, args=(), kwargs=inputs, strict=False).logits
 
 
 def head_module_name(head_names: list[str]) -> str | None:
@@ -92,7 +92,7 @@ def head_module_name(head_names: list[str]) -> str | None:
 
 
 def logits_per_task(
-    skeleton: torch.nn.Module,
+    base_model: torch.nn.Module,
     merged: dict[str, Tensor],
     heads: list[dict[str, Tensor]],
     inputs: dict[str, Tensor],
@@ -105,12 +105,12 @@ def logits_per_task(
     is not one submodule, each task's rows take their own full forward instead.
     """
     name = head_module_name(list(heads[0]))
-    if name is None or not hasattr(skeleton, name):
+    if name is None or not hasattr(base_model, name):
         return [
-            forward_logits(skeleton, {**merged, **heads[t]}, {k: v[rows] for k, v in inputs.items()})
+            forward_logits(base_model, {**merged, **heads[t]}, {k: v[rows] for k, v in inputs.items()})
             for t, rows in task_rows
         ]
-    head = getattr(skeleton, name)
+    head = getattr(base_model, name)
     captured: dict[str, tuple] = {}
 
     def capture(_module, args, kwargs):
@@ -118,7 +118,7 @@ def logits_per_task(
 
     hook = head.register_forward_pre_hook(capture, with_kwargs=True)
     try:  # the backbone once (any task's head fits here: its output is not used)
-        forward_logits(skeleton, {**merged, **heads[task_rows[0][0]]}, inputs)
+        forward_logits(base_model, {**merged, **heads[task_rows[0][0]]}, inputs)
     finally:
         hook.remove()
     args, kwargs = captured["call"]
@@ -140,19 +140,19 @@ def logits_per_task(
 
 
 @contextmanager
-def swapped_weights(skeleton: torch.nn.Module, tensors: dict[str, Tensor]) -> Iterator[torch.nn.Module]:
-    """``skeleton`` holding ``tensors`` for the duration, then its own weights again.
+def swapped_weights(base_model: torch.nn.Module, tensors: dict[str, Tensor]) -> Iterator[torch.nn.Module]:
+    """``base_model`` holding ``tensors`` for the duration, then its own weights again.
 
     For what ``functional_call`` cannot reach, such as ``generate`` (it calls ``forward`` many
     times). No copy is made and tied weights follow (they are one parameter); use it under
     ``torch.no_grad``: nothing here is differentiable.
     """
-    params = dict(skeleton.named_parameters())
+    params = dict(base_model.named_parameters())
     saved = {name: params[name].data for name in tensors}
     try:
         for name, tensor in tensors.items():
             params[name].data = tensor.detach().to(saved[name].dtype)
-        yield skeleton
+        yield base_model
     finally:
         for name, data in saved.items():
             params[name].data = data
@@ -171,15 +171,15 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
 
 
 def build_model(
-    skeleton: torch.nn.Module,
+    base_model: torch.nn.Module,
     tensors: dict[str, Tensor],
     config: PretrainedConfig,
     model_class: type = AutoModelForSequenceClassification,
 ) -> PreTrainedModel:
     """A plain ``transformers`` model holding ``tensors`` over the base's remaining weights."""
-    state = {n: t.detach().to("cpu") for n, t in skeleton.state_dict().items()}
+    state = {n: t.detach().to("cpu") for n, t in base_model.state_dict().items()}
     state.update({n: t.detach().to("cpu") for n, t in tensors.items()})
-    for alias, name in tied_aliases(skeleton).items():  # a tied head is the merged embedding
+    for alias, name in tied_aliases(base_model).items():  # a tied head is the merged embedding
         state[alias] = state[name]
     # Built on the CPU, not on "meta": non-persistent buffers (position ids) must be real.
     model = model_class.from_config(config, dtype=torch.float32)

@@ -240,3 +240,37 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def learned_label(options: dict[str, Any], epochs: int | None) -> str:
+    """How reports name a learned run: the registry's name when its settings are exactly one
+    of its methods', else what it is."""
+    name = learned_name(options, epochs)
+    if name is not None:
+        return name
+    transform = options["task_vector_transform"]
+    suffix = "" if transform == "none" else f" over {transform} vectors"
+    return f"learned ({options['objective']}, {options['granularity']}){suffix}, own settings"
+
+
+def learned_settings(options: dict[str, Any], num_tasks: int) -> dict[str, Any]:
+    """Every model option that defines a learned merge, resolved (init 1/N as a number)."""
+    h = options
+    settings = {
+        "kind": "learned",
+        "objective": h["objective"],
+        "granularity": h["granularity"],
+        "task_vector_transform": h["task_vector_transform"],
+        "lr": h["lr"],
+        "init": 1.0 / num_tasks if h["init"] is None else h["init"],
+        "init_rule": "1/N" if h["init"] is None else "fixed",
+        "clamp": None if h["clamp"] is None else list(h["clamp"]),
+        "task_vector_dtype": h["task_vector_dtype"],
+    }
+    if h["granularity"] == "block":
+        settings["block_pattern"] = h["block_pattern"]
+    if h["task_vector_transform"] == "ties":
+        settings.update(density=h["density"], trim_scope=h["trim_scope"])
+    if h["task_vector_transform"] == "dare":
+        settings.update(drop_rate=h["drop_rate"], transform_seed=h["transform_seed"])
+    return settings

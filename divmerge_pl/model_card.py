@@ -41,7 +41,7 @@ class MergeFacts:
     recipe: str  # YAML: the run's resolved config
     model_class: str  # the transformers Auto class that loads the folder
     dtype: str
-    generative: bool
+    is_causal_lm: bool
     hub_ids: tuple[str, ...] = ()  # Hub repo ids of the models merged (the card's base_model)
 
 
@@ -82,7 +82,7 @@ def card_metadata(facts: MergeFacts) -> ModelCardData:
     extra = {"base_model_relation": "merge"} if len(parents) > 1 else {}
     return ModelCardData(
         library_name="transformers",
-        pipeline_tag="text-generation" if facts.generative else "text-classification",
+        pipeline_tag="text-generation" if facts.is_causal_lm else "text-classification",
         tags=["merge", "divmerge", "divmerge-pl", "task-arithmetic"],
         base_model=parents or None,
         **extra,

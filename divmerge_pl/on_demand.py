@@ -26,16 +26,16 @@ from .merged import tied_aliases
 MakeTensor = Callable[[str], Tensor]
 
 
-def _owners(skeleton: nn.Module, names: Iterable[str]) -> dict[nn.Module, list[tuple[str, str]]]:
+def _owners(base_model: nn.Module, names: Iterable[str]) -> dict[nn.Module, list[tuple[str, str]]]:
     """Module -> its ``(attribute, merged tensor name)`` pairs, tied second names included."""
     wanted = set(names)
     owned: dict[nn.Module, list[tuple[str, str]]] = {}
-    aliases = tied_aliases(skeleton)
-    for full, _ in skeleton.named_parameters(remove_duplicate=False):
+    aliases = tied_aliases(base_model)
+    for full, _ in base_model.named_parameters(remove_duplicate=False):
         name = aliases.get(full, full)
         if name in wanted:
             prefix, _, attr = full.rpartition(".")
-            owned.setdefault(skeleton.get_submodule(prefix), []).append((attr, name))
+            owned.setdefault(base_model.get_submodule(prefix), []).append((attr, name))
     return owned
 
 
@@ -47,10 +47,10 @@ def _storage(tensor: Tensor) -> int | None:
 
 
 @contextmanager
-def merged_on_demand(skeleton: nn.Module, make: MakeTensor, names: Iterable[str]) -> Iterator[None]:
-    """Run forwards of ``skeleton`` inside this block with ``make(name)`` in place of each of
+def merged_on_demand(base_model: nn.Module, make: MakeTensor, names: Iterable[str]) -> Iterator[None]:
+    """Run forwards of ``base_model`` inside this block with ``make(name)`` in place of each of
     ``names``, built per module; the backward may run after the block has closed."""
-    owners = _owners(skeleton, names)
+    owners = _owners(base_model, names)
     live: dict[int, str] = {}  # storage of a merged tensor being used -> its name
 
     def before(module: nn.Module, _args) -> None:

@@ -122,3 +122,18 @@ def check_resume(path: str | None, model_args: Mapping[str, Any]) -> None:
     differences = settings_differences(saved_settings(state), merge_settings(model_args))
     if differences:
         raise settings_error(path, differences)
+
+
+def check_fingerprints(saved: Mapping[str, str], now: Mapping[str, str], paths: Mapping[str, Any]) -> None:
+    """Refuse to continue coefficients learned for other weights or other merge inputs."""
+    for role, digest in saved.items():
+        if now.get(role) != digest:
+            what = (
+                "the merge's inputs (data.tasks files or num_samples)"
+                if role == "data"
+                else (f"{role!r} ({str(paths.get(role, '?'))!r})")
+            )
+            raise ValueError(
+                f"checkpoint was made with other weights or data: {what} changed since; resuming "
+                "would continue coefficients learned for something else; start a new run instead"
+            )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .methods import StaticMethod
 from .static_merges import StaticMerge
@@ -45,3 +45,18 @@ def choose_on_validation(model: Scorable, method: StaticMethod) -> dict[str, Any
         "chosen": best["params"],
         "trials": trials,
     }
+
+
+def choose_settings(model: Scorable, method: StaticMethod, has_validation: bool) -> dict[str, Any]:
+    """How ``method``'s settings are chosen: nothing to choose, its published defaults (with a
+    warning) when the tasks have no labelled validation rows, or its grid on those rows."""
+    if not method.grid:
+        return {"chosen_on": "nothing to choose", "chosen": method.params}
+    if not has_validation:
+        rank_zero_warn(
+            f"{method.name}: the tasks have no val_files, so its settings are the published defaults "
+            f"{method.params}; give each task a labelled validation split to choose them from "
+            f"{method.grid}"
+        )
+        return {"chosen_on": "published defaults (no val_files)", "chosen": method.params}
+    return choose_on_validation(model, method)

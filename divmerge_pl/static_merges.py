@@ -253,3 +253,14 @@ def build_static_merge(name: str, **params) -> StaticMerge:
     if unknown:
         raise ValueError(f"{name}: unknown parameter(s) {unknown}; it takes {sorted(allowed) or 'none'}")
     return cls(**params)
+
+
+def transformed_vectors(
+    vectors: TaskVectors, transform: str, density: float, scope: TrimScope, drop_rate: float, seed: int
+) -> TaskVectors | None:
+    """The vectors a learned merge combines under ``task_vector_transform`` (None: the raw ones)."""
+    if transform == "ties":
+        return ties_task_vectors(vectors, density, scope)
+    if transform == "dare":
+        return dare_task_vectors(vectors, drop_rate, seed)
+    return None

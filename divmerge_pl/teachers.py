@@ -14,11 +14,14 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
+from datasets import Dataset
+from lightning.pytorch import LightningModule
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -85,3 +88,74 @@ class TeacherCache:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def teacher_key(
+    fingerprint: str, inputs: Dataset, evals: Dataset | None, vector_dtype: str, *settings: str
+) -> str:
+    """What one expert's cached outputs depend on: its weights, its rows, how it was rebuilt."""
+    return cache_key(
+        fingerprint,
+        token_fingerprint(inputs["input_ids"]),
+        token_fingerprint(evals["input_ids"]) if evals is not None else "-",
+        # experts rebuilt from low-precision task vectors are not quite the float32 ones
+        *([vector_dtype] if vector_dtype != "float32" else []),
+        *settings,
+    )
+
+
+class Teachers(nn.Module):
+    """The targets of the objective, one row per merge input (``row_id``): each expert's
+    log-probabilities on its own rows (classes; or, for causal LMs, at each token of its greedy
+    answer, with the answers themselves and, under ``top_k``, the kept token ids). Buffers, so
+    they move with the module; never checkpointed (the cache on disk holds them)."""
+
+    def __init__(
+        self,
+        logprobs: Tensor,
+        expert_scores: dict[str, float],
+        answer_ids: Tensor | None = None,
+        answer_len: Tensor | None = None,
+        top_ids: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.expert_scores = expert_scores  # each expert's score on its task's scored rows
+        self.register_buffer("logprobs", logprobs, persistent=False)
+        for name, tensor in (("answer_ids", answer_ids), ("answer_len", answer_len), ("top_ids", top_ids)):
+            self.register_buffer(name, tensor, persistent=False)
+
+
+def rows_of(rows: Dataset, task_id: int) -> Dataset:
+    """The rows of one task (``task_id`` as the datamodule numbers its tasks)."""
+    ids = rows["task_id"]
+    return rows.select([i for i, t in enumerate(ids) if t == task_id])
+
+
+def across_ranks(
+    module: LightningModule,
+    batches_of: Callable[[Dataset], Iterable],
+    rows: Dataset,
+    compute: Callable[[Any], Any],
+) -> Any:
+    """``compute`` over ``rows``' batches (a tensor or a dict of tensors, a row each), each of the W
+    processes taking every W-th row and the shares gathered back in row order: teachers cost
+    1/W of their single-process time, and every rank ends with all of them."""
+    world = module.trainer.world_size if module._trainer is not None else 1
+    if world == 1 or len(rows) < world:
+        return compute(batches_of(rows))
+    rank = module.trainer.global_rank
+    share = compute(batches_of(rows.select(range(rank, len(rows), world))))
+    size = -(-len(rows) // world)
+
+    def gather(part: Tensor) -> Tensor:
+        padded = part.new_zeros((size, *part.shape[1:]))
+        padded[: len(part)] = part
+        return interleave_shares(module.all_gather(padded.to(module.device)).cpu(), len(rows))
+
+    return {k: gather(v) for k, v in share.items()} if isinstance(share, dict) else gather(share)
+
+
+def interleave_shares(gathered: Tensor, rows: int) -> Tensor:
+    """``[W, ceil(n / W), ...]`` shares (rank r held rows r, r + W, ...) back into row order,
+    without the padding of the last share."""
+    return gathered.transpose(0, 1).reshape(-1, *gathered.shape[2:])[:rows]

@@ -173,4 +173,4 @@ def per_task_logits(module, t: int, merged: dict, batch: dict, rows) -> torch.Te
     from divmerge_pl.merged import forward_logits
 
     inputs = {k: batch[k][rows] for k in MODEL_INPUTS if k in batch}
-    return forward_logits(module.frozen.skeleton, {**merged, **module.frozen.head(t)}, inputs)
+    return forward_logits(module.frozen.base_model, {**merged, **module.frozen.head(t)}, inputs)

@@ -64,9 +64,9 @@ def test_teacher_answers_are_what_transformers_generates_for_each_prompt_alone(l
             if tokenizer.eos_token_id in out:
                 out = out[: out.index(tokenizer.eos_token_id) + 1]
             n = int(module.answer_len[row["row_id"]])
-            assert module.answer_ids[row["row_id"], :n].tolist() == out
+            assert module.teachers.answer_ids[row["row_id"], :n].tolist() == out
             # the cached distributions are the expert's own: greedy picks their argmax
-            top = module.teacher_logprobs[row["row_id"], :n].argmax(-1)
+            top = module.teachers.logprobs[row["row_id"], :n].argmax(-1)
             assert top.tolist() == out
 
 
@@ -75,11 +75,11 @@ def test_answers_end_at_eos_which_they_keep_or_at_max_new_tokens(lm):
     lengths, eos = module.answer_len, trainer.datamodule.tokenizer.eos_token_id
     ended = lengths < 6
     assert ended.float().mean() > 0.5, "the tiny experts were trained to answer '<word> <eos>'"
-    last = module.answer_ids[ended].gather(1, (lengths[ended] - 1)[:, None]).flatten()
+    last = module.teachers.answer_ids[ended].gather(1, (lengths[ended] - 1)[:, None]).flatten()
     assert (last == eos).all()
     pad = trainer.datamodule.tokenizer.pad_token_id
     after = torch.arange(6)[None, :] >= lengths[:, None]
-    assert (module.answer_ids[after] == pad).all()
+    assert (module.teachers.answer_ids[after] == pad).all()
     short, _ = fit_lm(lm, max_new_tokens=1)
     assert (short.answer_len == 1).all()
 
@@ -87,25 +87,25 @@ def test_answers_end_at_eos_which_they_keep_or_at_max_new_tokens(lm):
 def test_loss_is_zero_when_the_merge_is_the_expert(lm):
     module, trainer = fit_lm(lm, tasks=("alpha",), granularity="task", init=1.0)
     batch = first_batch(trainer)
-    per_row = module._answer_divergences(module.merged_tensors(), batch)
+    per_row = module.kind.answer_divergences(module.merged_tensors(), batch)
     assert per_row.abs().max() < 1e-6
     module.coefficients.data.fill_(0.5)
-    assert module._answer_divergences(module.merged_tensors(), batch).min() > 1e-4
+    assert module.kind.answer_divergences(module.merged_tensors(), batch).min() > 1e-4
 
 
 def test_positions_outside_the_answer_do_not_change_the_loss(lm):
     module, trainer = fit_lm(lm, max_new_tokens=8)
     batch = first_batch(trainer)
     merged = module.merged_tensors()
-    before = module._answer_divergences(merged, batch)
+    before = module.kind.answer_divergences(merged, batch)
     lengths = module.answer_len[batch["row_id"]]
     short = int(torch.nonzero(lengths < 8)[0, 0])
     row, n = int(batch["row_id"][short]), int(lengths[short])
-    teacher = module.teacher_logprobs
+    teacher = module.teachers.logprobs
     teacher[row, n:] = torch.log_softmax(torch.randn_like(teacher[row, n:]), -1)  # after the answer
-    torch.testing.assert_close(module._answer_divergences(merged, batch), before, rtol=0, atol=0)
+    torch.testing.assert_close(module.kind.answer_divergences(merged, batch), before, rtol=0, atol=0)
     teacher[row, n - 1] = torch.log_softmax(torch.randn_like(teacher[row, n - 1]), -1)  # EOS counts
-    after = module._answer_divergences(merged, batch)
+    after = module.kind.answer_divergences(merged, batch)
     assert (after - before).abs()[short] > 1e-4
     assert torch.equal(
         torch.cat([after[:short], after[short + 1 :]]), torch.cat([before[:short], before[short + 1 :]])
@@ -114,7 +114,7 @@ def test_positions_outside_the_answer_do_not_change_the_loss(lm):
 
 def test_top_k_loss_equals_the_full_loss_at_k_vocab_and_bounds_it_below(lm):
     full, trainer = fit_lm(lm)
-    vocab = full.teacher_logprobs.shape[-1]
+    vocab = full.teachers.logprobs.shape[-1]
     batch = first_batch(trainer)
     losses = {}
     for k in (None, vocab, 3):
@@ -122,9 +122,9 @@ def test_top_k_loss_equals_the_full_loss_at_k_vocab_and_bounds_it_below(lm):
         module.coefficients.data = torch.linspace(-0.5, 1.5, module.coefficients.numel()).view_as(
             module.coefficients
         )
-        losses[k] = module._answer_divergences(module.merged_tensors(), batch)
+        losses[k] = module.kind.answer_divergences(module.merged_tensors(), batch)
         if k is not None:
-            assert module.teacher_logprobs.shape[-1] == min(k, vocab) + 1
+            assert module.teachers.logprobs.shape[-1] == min(k, vocab) + 1
     torch.testing.assert_close(losses[vocab], losses[None], rtol=1e-5, atol=1e-7)
     # JS on a coarser partition is smaller (data processing inequality), and not trivially 0
     assert (losses[3] <= losses[None] + 1e-7).all() and (losses[3] > 0).all()
@@ -150,8 +150,8 @@ def test_cached_answers_are_reused_and_renewed_when_an_expert_changes(lm, tmp_pa
     calls.clear()
     second = run()
     assert calls == []  # no expert generated anything
-    assert torch.equal(first.answer_ids, second.answer_ids)
-    torch.testing.assert_close(first.teacher_logprobs, second.teacher_logprobs, rtol=0, atol=0)
+    assert torch.equal(first.teachers.answer_ids, second.teachers.answer_ids)
+    torch.testing.assert_close(first.teachers.logprobs, second.teachers.logprobs, rtol=0, atol=0)
 
     changed = tmp_path / "beta"  # expert beta with one tensor nudged
     changed.mkdir()
@@ -311,11 +311,11 @@ def test_greedy_answers_ignore_the_folders_generation_config(tmp_path):
             repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=3, bos_token_id=1, eos_token_id=1
         ).save_pretrained(folder)
     module, _ = fit_lm(lm, max_new_tokens=6)
-    assert module.frozen.skeleton.generation_config.repetition_penalty == 5.0  # the folder's, kept
+    assert module.frozen.base_model.generation_config.repetition_penalty == 5.0  # the folder's, kept
     for row in range(len(module.answer_len)):
         n = int(module.answer_len[row])
-        top = module.teacher_logprobs[row, :n].argmax(-1)
-        assert top.tolist() == module.answer_ids[row, :n].tolist()
+        top = module.teachers.logprobs[row, :n].argmax(-1)
+        assert top.tolist() == module.teachers.answer_ids[row, :n].tolist()
     assert (module.answer_len < 3).any(), "min_new_tokens=3 of the folder must not lengthen answers"
 
 

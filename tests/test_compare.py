@@ -115,7 +115,7 @@ def test_entropy_gradient_matches_finite_differences(tiny):
         frozen = module.frozen
         merged = merge_tensors(frozen.base_tensors(), frozen.merge_vectors(), gamma, module.layout)
         total = 0.0
-        for t, rows in module._task_rows(batch):
+        for t, rows in module.task_rows(batch):
             logq = torch.log_softmax(per_task_logits(module, t, merged, batch, rows), dim=-1)
             total = total + masked_mean(module.objective(logq, logq))
         return total
@@ -141,7 +141,7 @@ def test_learned_merge_over_ties_vectors_uses_them(tiny):
     # at most the top 20% of each task's whole vector (trimmed over all tensors, as TIES does)
     assert (kept_per_task <= 0.2 * total + 1).all()
     # teachers are still the real experts
-    torch.testing.assert_close(ties.teacher_logprobs, raw.teacher_logprobs)
+    torch.testing.assert_close(ties.teachers.logprobs, raw.teachers.logprobs)
 
 
 def test_f1_is_macro_f1(tmp_path):

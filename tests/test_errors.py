@@ -160,7 +160,7 @@ def test_eval_label_outside_the_head_is_refused(tiny):
 
 
 def test_damaged_teacher_cache_is_rebuilt_not_trusted(tiny, monkeypatch, caplog):
-    from divmerge_pl import module as module_file
+    from divmerge_pl import kinds
 
     main(["fit", "--config", str(write_config(tiny, tiny.root / "first", epochs=1))])
     files = sorted((tiny.root / "teacher_cache").glob("*.safetensors"))
@@ -169,8 +169,8 @@ def test_damaged_teacher_cache_is_rebuilt_not_trusted(tiny, monkeypatch, caplog)
     files[0].write_bytes(data[: len(data) // 2])  # a run killed while copying, a full disk...
 
     calls = []
-    real = module_file.compute_logprobs
-    monkeypatch.setattr(module_file, "compute_logprobs", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = kinds.compute_logprobs
+    monkeypatch.setattr(kinds, "compute_logprobs", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     with caplog.at_level(logging.WARNING, logger="divmerge_pl"):
         main(["fit", "--config", str(write_config(tiny, tiny.root / "second", epochs=1))])
     assert "is unreadable" in caplog.text

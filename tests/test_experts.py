@@ -32,7 +32,7 @@ def test_task_vectors_are_expert_minus_base_stacked_per_tensor(tiny):
         assert torch.equal(loaded.heads[task]["classifier.weight"], expert["classifier.weight"])
     assert loaded.heads["beta"]["classifier.weight"].shape[0] == 3
     assert len(set(loaded.fingerprints.values())) == 3
-    assert not any(p.requires_grad for p in loaded.skeleton.parameters())
+    assert not any(p.requires_grad for p in loaded.base_model.parameters())
 
 
 def test_expert_with_other_shape_names_expert_and_tensor(tiny):

@@ -244,7 +244,7 @@ def test_one_causal_lm_folder_gets_its_card_and_one_repo(tmp_path, monkeypatch, 
     assert [hub_id(p) for p in snapshots] == ["org/base", "org/alpha", "org/beta"]
     assert hub_id("/work/experts/alpha") is None
     facts = MergeFacts("org/base", {t: f"org/{t}" for t in TASKS}, report, "model: {}\n",
-                       "AutoModelForCausalLM", "bfloat16", generative=True,
+                       "AutoModelForCausalLM", "bfloat16", is_causal_lm=True,
                        hub_ids=tuple(hub_id(p) for p in snapshots))  # fmt: skip
     repo_ids = hub_repo_ids("me/lm-{task}", TASKS, one_model=True)
     written = write_outputs(

@@ -147,9 +147,9 @@ def js_to_expert(module: DivMergeModule, trainer: L.Trainer) -> float:
         merged = module.merged_tensors()
         values = []
         for batch in data.ordered_dataloader(data.train_rows):
-            for t, rows in module._task_rows(batch):
+            for t, rows in module.task_rows(batch):
                 logq = torch.log_softmax(per_task_logits(module, t, merged, batch, rows), -1)
-                logp = module.teacher_logprobs[batch["row_id"][rows], : logq.shape[-1]]
+                logp = module.teachers.logprobs[batch["row_id"][rows], : logq.shape[-1]]
                 values.append(js_divergence(logp, logq))
     return torch.cat(values).mean().item()
 
@@ -168,11 +168,11 @@ def test_one_expert_pulls_its_coefficient_to_one_and_js_to_zero(tmp_path):
 
 
 def test_teacher_outputs_are_cached_and_invalidated_by_new_weights(tiny, monkeypatch):
-    from divmerge_pl import module as module_file
+    from divmerge_pl import kinds
 
     calls = []
-    real = module_file.compute_logprobs
-    monkeypatch.setattr(module_file, "compute_logprobs", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = kinds.compute_logprobs
+    monkeypatch.setattr(kinds, "compute_logprobs", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     main(["fit", "--config", str(write_config(tiny, tiny.root / "first", epochs=1))])
     assert len(calls) == 4  # inputs and eval rows, for each of the two experts
     main(["fit", "--config", str(write_config(tiny, tiny.root / "second", epochs=1))])
@@ -240,7 +240,7 @@ def test_scoring_reads_rows_shortest_first_and_scores_as_in_file_order(tiny):
     with torch.no_grad():
         merged = module.merged_tensors()
         for batch in data.ordered_dataloader(data.eval_rows):
-            for t, rows in module._task_rows(batch):
+            for t, rows in module.task_rows(batch):
                 hits = per_task_logits(module, t, merged, batch, rows).argmax(-1) == batch["labels"][rows]
                 correct[t] = correct.get(t, 0) + int(hits.sum())
                 total[t] = total.get(t, 0) + int(rows.sum())

@@ -387,7 +387,7 @@ def test_test_and_validate_log_under_their_own_prefixes(tiny):
 
 
 def test_shares_of_rows_are_interleaved_back_into_row_order():
-    from divmerge_pl.module import interleave_shares
+    from divmerge_pl.teachers import interleave_shares
 
     rows, world = 7, 3  # rank r holds rows r, r + 3, ...; the last share is padded
     shares = torch.full((world, 3, 2), -1.0)

@@ -369,7 +369,7 @@ def test_fit_with_lora_experts_merges_their_factors(bert_setup):
     setup = bert_setup
     module, data = fit(setup.model_args(teacher_cache=None), setup.task_specs(), setup.base, max_steps=3)
     frozen, tasks = module.frozen, list(module.tasks)
-    base = dict(frozen.skeleton.named_parameters())
+    base = dict(frozen.base_model.named_parameters())
     targets = [
         f"bert.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")
     ]
@@ -394,7 +394,7 @@ def test_fit_with_lora_experts_merges_their_factors(bert_setup):
                 want = torch.log_softmax(
                     expert(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits, -1
                 )
-            got = module.teacher_logprobs[batch["row_id"], : setup.labels[task]]
+            got = module.teachers.logprobs[batch["row_id"], : setup.labels[task]]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
     gamma = module.merge_coefficients().detach()
@@ -403,8 +403,10 @@ def test_fit_with_lora_experts_merges_their_factors(bert_setup):
     factors = {task: lora_reference(setup.experts[task]) for task in ("beta", "gamma")}
     exported = dict(module.merged_models())
     batch = next(iter(data.ordered_dataloader(data.train_rows)))
-    with torch.no_grad(), module._low_rank():
-        in_training = {t: logits for t, _rows, logits in module._batch_logits(module.merged_tensors(), batch)}
+    with torch.no_grad(), module.low_rank():
+        in_training = {
+            t: logits for t, _rows, logits in module.kind.batch_logits(module.merged_tensors(), batch)
+        }
     for t, task in enumerate(tasks):
         params = dict(exported[task].named_parameters())
         for name in targets:  # W0 + Gamma_alpha tau_alpha + sum over LoRA tasks Gamma s B A
@@ -477,7 +479,7 @@ def test_fit_with_lora_causal_lm_experts(tmp_path):
             if tokenizer.eos_token_id in out:
                 out = out[: out.index(tokenizer.eos_token_id) + 1]
             n = int(module.answer_len[row["row_id"]])
-            assert module.answer_ids[row["row_id"], :n].tolist() == out
+            assert module.teachers.answer_ids[row["row_id"], :n].tolist() == out
     ((folder, merged),) = list(module.merged_models())
     gamma, group = module.merge_coefficients().detach(), module.layout.group_of
     base_params = dict(AutoModelForCausalLM.from_pretrained(base).named_parameters())
@@ -495,7 +497,7 @@ def test_fit_with_lora_causal_lm_experts(tmp_path):
     targets = {tuple(base_params[name].shape) for name in module.frozen.low_rank.names}
     batch = next(iter(data.train_dataloader()))
     with ShapeRecorder() as made:
-        loss = sum(per_row.sum() for _t, per_row in module._training_divergences(batch))
+        loss = sum(per_row.sum() for _t, per_row in module.merged_divergences(batch))
         loss.backward()
     assert module.coefficients.grad.abs().sum() > 0
     assert not targets & made.shapes, sorted(targets & made.shapes)
@@ -531,7 +533,7 @@ def test_backbone_modules_an_adapter_saves_whole_merge_as_dense_task_vectors(ber
         k.removeprefix("base_model.model."): v
         for k, v in load_file(tmp_path / "pooled" / "adapter_model.safetensors").items()
     }
-    base = dict(loaded.skeleton.named_parameters())
+    base = dict(loaded.base_model.named_parameters())
     for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias"):
         torch.testing.assert_close(loaded.task_vectors[name][1], saved[name] - base[name], atol=0, rtol=0)
     assert set(loaded.heads["pooled"]) == HEADS and set(loaded.low_rank) == {

@@ -67,9 +67,9 @@ def test_backbone_once_then_heads_equals_a_forward_per_task(tiny):
     gamma = torch.tensor([[0.3], [0.9]]).expand_as(module.coefficients).clone().requires_grad_()
     module.coefficients.data = gamma.detach()
     merged = module.merged_tensors()
-    groups = list(module._task_rows(batch))
+    groups = list(module.task_rows(batch))
     assert len(groups) == 2
-    fast = module._batch_logits(merged, batch)
+    fast = module.kind.batch_logits(merged, batch)
     for (t, rows), (t2, _, logits) in zip(groups, fast, strict=True):
         assert t == t2 and logits.shape == (int(rows.sum()), (2, 3)[t])
         torch.testing.assert_close(
@@ -95,16 +95,16 @@ def test_head_over_several_modules_takes_a_forward_per_task(tmp_path):
     loaded = load_experts(str(tmp_path / "base"), experts)
     heads = list(loaded.heads.values())
     assert head_module_name(list(heads[0])) is None
-    skeleton = loaded.skeleton.eval()
-    base = {n: p for n, p in skeleton.named_parameters() if n in loaded.task_vectors}
+    base_model = loaded.base_model.eval()
+    base = {n: p for n, p in base_model.named_parameters() if n in loaded.task_vectors}
     inputs = {"input_ids": torch.randint(5, 39, (6, 7)), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
     rows = [
         (0, torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)),
         (1, torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.bool)),
     ]
-    out = logits_per_task(skeleton, base, heads, inputs, rows)
+    out = logits_per_task(base_model, base, heads, inputs, rows)
     for (t, mask), logits in zip(rows, out, strict=True):
-        expected = forward_logits(skeleton, {**base, **heads[t]}, {k: v[mask] for k, v in inputs.items()})
+        expected = forward_logits(base_model, {**base, **heads[t]}, {k: v[mask] for k, v in inputs.items()})
         torch.testing.assert_close(logits, expected)
         assert logits.shape == (3, (2, 3)[t])
 

@@ -23,10 +23,10 @@ TASKS = {"alpha": 2, "beta": 3}
 def objective_and_gradient(module, batch, on_demand: bool) -> tuple[torch.Tensor, torch.Tensor]:
     module.coefficients.grad = None
     if on_demand:
-        with module._on_demand(module._merge_at_coefficients()):
-            rows = module._row_divergences({}, batch)
+        with module.frozen.on_demand(module.frozen.merge_at(module.merge_coefficients(), module.layout)):
+            rows = module.kind.row_divergences({}, batch)
     else:
-        rows = module._row_divergences(module.merged_tensors(), batch)
+        rows = module.kind.row_divergences(module.merged_tensors(), batch)
     values = torch.cat([v for _, v in rows])
     values.sum().backward()
     return values.detach(), module.coefficients.grad.clone()
@@ -45,21 +45,21 @@ def trained_at_spread_coefficients(kind: str, tiny, tmp_path):
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_on_demand_gives_the_whole_merge_objective_and_gradient(kind, tiny, tmp_path):
     module, batch = trained_at_spread_coefficients(kind, tiny, tmp_path)
-    assert module._on_demand_ok  # the check at fit start found this model fit for it
-    before = {n: p.clone() for n, p in module.frozen.skeleton.named_parameters()}
+    assert module.on_demand_ok  # the check at fit start found this model fit for it
+    before = {n: p.clone() for n, p in module.frozen.base_model.named_parameters()}
     values, grad = objective_and_gradient(module, batch, on_demand=False)
     on_demand_values, on_demand_grad = objective_and_gradient(module, batch, on_demand=True)
     assert values.abs().min() > 0 and grad.abs().max() > 0
     torch.testing.assert_close(on_demand_values, values, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(on_demand_grad, grad, rtol=1e-5, atol=1e-7)
-    for name, param in module.frozen.skeleton.named_parameters():  # the base is back, unchanged
+    for name, param in module.frozen.base_model.named_parameters():  # the base is back, unchanged
         assert torch.equal(param, before[name]), name
 
 
 def test_no_merged_weight_lives_from_forward_to_backward(tiny):
     module, trainer = fit_module(tiny, TASKS, max_steps=0)
     batch = first_batch(trainer)
-    merge = module._merge_at_coefficients()
+    merge = module.frozen.merge_at(module.merge_coefficients(), module.layout)
     made: list[weakref.ref] = []
     alive_at_make: list[int] = []
 
@@ -69,8 +69,8 @@ def test_no_merged_weight_lives_from_forward_to_backward(tiny):
         made.append(weakref.ref(tensor))
         return tensor
 
-    with merged_on_demand(module.frozen.skeleton, make, module.frozen.names):
-        loss = torch.cat([v for _, v in module._row_divergences({}, batch)]).sum()
+    with merged_on_demand(module.frozen.base_model, make, module.frozen.names):
+        loss = torch.cat([v for _, v in module.kind.row_divergences({}, batch)]).sum()
     built_in_forward = len(made)
     gc.collect()
     assert built_in_forward >= len(module.frozen.names)
@@ -86,7 +86,7 @@ def test_no_merged_weight_lives_from_forward_to_backward(tiny):
 def test_fit_on_demand_ends_with_the_coefficients_of_the_whole_merge(tiny):
     on_demand, _ = fit_module(tiny, TASKS, max_steps=4)
     whole, _ = fit_module(tiny, TASKS, max_steps=4, merge_on_demand=False)
-    assert on_demand._on_demand_ok and not whole._on_demand_ok
+    assert on_demand.on_demand_ok and not whole.on_demand_ok
     assert not torch.allclose(whole.coefficients, torch.full_like(whole.coefficients, 0.5))
     torch.testing.assert_close(on_demand.coefficients, whole.coefficients, rtol=1e-5, atol=1e-6)
 
@@ -102,6 +102,6 @@ def test_a_model_reading_a_weight_outside_its_module_falls_back_with_a_warning(t
     monkeypatch.setattr(modeling_bert.BertPooler, "forward", pooler_reading_directly)
     with pytest.warns(UserWarning, match="merge_on_demand.*outside its own module"):
         module, _ = fit_module(tiny, TASKS, max_steps=3)
-    assert not module._on_demand_ok
+    assert not module.on_demand_ok
     assert torch.isfinite(module.coefficients).all()
     assert not torch.allclose(module.coefficients, torch.full_like(module.coefficients, 0.5))

@@ -34,7 +34,7 @@ class PoisonAt(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            pl_module.teacher_logprobs[:] = float("nan")
+            pl_module.teachers.logprobs[:] = float("nan")
 
 
 def with_callback(config_path, class_path: str, step: int):
