@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import divmerge_pl.module as module_code
+import divmerge_pl.kinds as kinds_code
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
 from divmerge_pl.cli import main
 
@@ -63,7 +63,7 @@ def test_teacher_answers_are_what_transformers_generates_for_each_prompt_alone(l
             )[0, len(row["input_ids"]):].tolist()  # fmt: skip
             if tokenizer.eos_token_id in out:
                 out = out[: out.index(tokenizer.eos_token_id) + 1]
-            n = int(module.answer_len[row["row_id"]])
+            n = int(module.teachers.answer_len[row["row_id"]])
             assert module.teachers.answer_ids[row["row_id"], :n].tolist() == out
             # the cached distributions are the expert's own: greedy picks their argmax
             top = module.teachers.logprobs[row["row_id"], :n].argmax(-1)
@@ -72,7 +72,7 @@ def test_teacher_answers_are_what_transformers_generates_for_each_prompt_alone(l
 
 def test_answers_end_at_eos_which_they_keep_or_at_max_new_tokens(lm):
     module, trainer = fit_lm(lm, max_new_tokens=6)
-    lengths, eos = module.answer_len, trainer.datamodule.tokenizer.eos_token_id
+    lengths, eos = module.teachers.answer_len, trainer.datamodule.tokenizer.eos_token_id
     ended = lengths < 6
     assert ended.float().mean() > 0.5, "the tiny experts were trained to answer '<word> <eos>'"
     last = module.teachers.answer_ids[ended].gather(1, (lengths[ended] - 1)[:, None]).flatten()
@@ -81,7 +81,7 @@ def test_answers_end_at_eos_which_they_keep_or_at_max_new_tokens(lm):
     after = torch.arange(6)[None, :] >= lengths[:, None]
     assert (module.teachers.answer_ids[after] == pad).all()
     short, _ = fit_lm(lm, max_new_tokens=1)
-    assert (short.answer_len == 1).all()
+    assert (short.teachers.answer_len == 1).all()
 
 
 def test_loss_is_zero_when_the_merge_is_the_expert(lm):
@@ -98,7 +98,7 @@ def test_positions_outside_the_answer_do_not_change_the_loss(lm):
     batch = first_batch(trainer)
     merged = module.merged_tensors()
     before = module.kind.answer_divergences(merged, batch)
-    lengths = module.answer_len[batch["row_id"]]
+    lengths = module.teachers.answer_len[batch["row_id"]]
     short = int(torch.nonzero(lengths < 8)[0, 0])
     row, n = int(batch["row_id"][short]), int(lengths[short])
     teacher = module.teachers.logprobs
@@ -132,13 +132,13 @@ def test_top_k_loss_equals_the_full_loss_at_k_vocab_and_bounds_it_below(lm):
 
 def test_cached_answers_are_reused_and_renewed_when_an_expert_changes(lm, tmp_path, monkeypatch):
     calls = []
-    real = module_code.answer_targets
+    real = kinds_code.answer_targets
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("desc", args[7] if len(args) > 7 else None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module_code, "answer_targets", counted)
+    monkeypatch.setattr(kinds_code, "answer_targets", counted)
     cache = str(tmp_path / "cache")
 
     def run():
@@ -312,11 +312,11 @@ def test_greedy_answers_ignore_the_folders_generation_config(tmp_path):
         ).save_pretrained(folder)
     module, _ = fit_lm(lm, max_new_tokens=6)
     assert module.frozen.base_model.generation_config.repetition_penalty == 5.0  # the folder's, kept
-    for row in range(len(module.answer_len)):
-        n = int(module.answer_len[row])
+    for row in range(len(module.teachers.answer_len)):
+        n = int(module.teachers.answer_len[row])
         top = module.teachers.logprobs[row, :n].argmax(-1)
         assert top.tolist() == module.teachers.answer_ids[row, :n].tolist()
-    assert (module.answer_len < 3).any(), "min_new_tokens=3 of the folder must not lengthen answers"
+    assert (module.teachers.answer_len < 3).any(), "min_new_tokens=3 of the folder must not lengthen answers"
 
 
 def test_two_processes_share_the_lm_teachers_and_learn_what_one_learns(tmp_path):

@@ -478,7 +478,7 @@ def test_fit_with_lora_causal_lm_experts(tmp_path):
             )[0, len(row["input_ids"]):].tolist()  # fmt: skip
             if tokenizer.eos_token_id in out:
                 out = out[: out.index(tokenizer.eos_token_id) + 1]
-            n = int(module.answer_len[row["row_id"]])
+            n = int(module.teachers.answer_len[row["row_id"]])
             assert module.teachers.answer_ids[row["row_id"], :n].tolist() == out
     ((folder, merged),) = list(module.merged_models())
     gamma, group = module.merge_coefficients().detach(), module.layout.group_of
