@@ -23,7 +23,8 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
-from .lora import LowRankStack, adapter_folders, check_with_adapters, read_lora_experts
+from .lora import adapter_folders, check_with_adapters, read_lora_experts
+from .low_rank import LowRankStack
 from .preflight import ExpertMismatchError, TaskKind, tied_alias_names
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,8 @@
-"""LoRA adapters (peft folders) as experts, kept as their low-rank factors.
+"""LoRA adapters (peft folders) as experts: reading them and checking them against the base.
 
 A LoRA expert's task vector for a target weight is ``s * B @ A`` (A: r x d_in, B: d_out x r,
-s = alpha / r, or alpha / sqrt(r) with rsLoRA): r * (d_in + d_out) numbers instead of
-d_out * d_in. Nothing here builds ``B @ A`` on the merge's path: the merged forward of a target
-adds ``sum_t g_t s_t (x A_t^T) B_t^T`` to the base layer's output. Only ``merged_weight`` (for
-export) and ``low_rank_delta`` (for tests and sign-based merges) form dense matrices.
+s = alpha / r, or alpha / sqrt(r) with rsLoRA), kept as its factors (``low_rank.py`` holds them
+and merges through them without forming ``B @ A``).
 
 Reading goes through peft (``PeftConfig.from_pretrained``, ``load_peft_weights``); this module
 only checks that what peft read is a plain LoRA over the given base, and refuses the rest with
@@ -15,8 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .low_rank import LoraFactors, LowRankStack, stack_factors
 from .preflight import (
     CheckedModels,
     ExpertMismatchError,
@@ -62,16 +60,6 @@ PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 class UnsupportedAdapterError(ExpertMismatchError):
     """A PEFT adapter of a type or LoRA variant that the low-rank merge does not handle."""
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One target weight's LoRA: its task vector is ``scaling * up @ down``."""
-
-    down: Tensor  # A: r x d_in
-    up: Tensor  # B: d_out x r
-    scaling: float
-    fan_in_fan_out: bool = False  # the base weight is stored d_in x d_out (GPT-2's Conv1D)
 
 
 @dataclass
@@ -400,120 +388,3 @@ def _factor_tensors(factors: Mapping[str, LoraFactors]) -> dict[str, Tensor]:
         named.update({f"{name}.lora_A": f.down, f"{name}.lora_B": f.up})
         named[f"{name}.scaling"] = torch.tensor([f.scaling], dtype=torch.float64)
     return named
-
-
-# ---------------------------------------------------------------- stacked over tasks
-@dataclass
-class LowRankStack:
-    """Every task's factors for one target weight, side by side along the rank: the merge is two
-    thin matrix products whatever the number of tasks (total rank R = sum of the tasks' ranks)."""
-
-    down: Tensor  # R x d_in: the tasks' A stacked
-    up: Tensor  # d_out x R: the tasks' B side by side
-    task_of_rank: Tensor  # R (long): which task each rank belongs to
-    scale_of_rank: Tensor  # R: that task's scaling
-    fan_in_fan_out: bool = False
-
-    def coefficients(self, gamma: Tensor) -> Tensor:
-        """Per rank ``gamma[task] * scaling``, from ``gamma`` of shape [num_tasks]."""
-        return gamma.to(self.scale_of_rank.dtype)[self.task_of_rank] * self.scale_of_rank
-
-
-def stack_factors(per_task: Sequence[Mapping[str, LoraFactors]]) -> dict[str, LowRankStack]:
-    """Target name -> its stack over tasks; a task without factors for a target adds no rank
-    (a full expert, or an adapter that does not target it)."""
-    names = sorted({name for factors in per_task for name in factors})
-    stacks = {}
-    for name in names:
-        parts = [(t, f[name]) for t, f in enumerate(per_task) if name in f]
-        fan = {f.fan_in_fan_out for _, f in parts}
-        if len(fan) > 1:
-            raise ExpertMismatchError(f"LoRA target {name!r}: adapters disagree on fan_in_fan_out")
-        stacks[name] = LowRankStack(
-            down=torch.cat([f.down for _, f in parts]),
-            up=torch.cat([f.up for _, f in parts], dim=1),
-            task_of_rank=torch.cat([torch.full((f.down.shape[0],), t, dtype=torch.long) for t, f in parts]),
-            scale_of_rank=torch.cat([torch.full((f.down.shape[0],), f.scaling) for _, f in parts]),
-            fan_in_fan_out=fan.pop(),
-        )
-    return stacks
-
-
-# ---------------------------------------------------------------- pure maths
-def low_rank_delta(down: Tensor, up: Tensor, scaling: float) -> Tensor:
-    """The dense task vector ``scaling * B @ A`` (d_out x d_in): for tests and sign-based merges
-    (TIES) only; the merge itself never forms it."""
-    return scaling * (up @ down)
-
-
-def low_rank_term(x: Tensor, stack: LowRankStack, gamma: Tensor) -> Tensor:
-    """``sum_t gamma_t s_t (x A_t^T) B_t^T``: x [..., d_in] -> [..., d_out], through rank R."""
-    hidden = x @ stack.down.to(x.dtype).T
-    return (hidden * stack.coefficients(gamma).to(x.dtype)) @ stack.up.to(x.dtype).T
-
-
-def merged_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stack: LowRankStack, gamma: Tensor
-) -> Tensor:
-    """``x W0^T + b0 + sum_t gamma_t s_t (x A_t^T) B_t^T`` without forming any ``B @ A``."""
-    base = x @ weight if stack.fan_in_fan_out else torch.nn.functional.linear(x, weight)
-    if bias is not None:
-        base = base + bias
-    return base + low_rank_term(x, stack, gamma)
-
-
-def merged_weight(weight: Tensor, stack: LowRankStack, gamma: Tensor) -> Tensor:
-    """``W0 + sum_t gamma_t s_t B_t A_t``, dense, in the base weight's layout: for export."""
-    delta = (stack.up * stack.coefficients(gamma)) @ stack.down
-    return weight + (delta.T if stack.fan_in_fan_out else delta).to(weight.dtype)
-
-
-# ---------------------------------------------------------------- on a module
-class LowRankExperts(nn.Module):
-    """The stacks as buffers (moved with the model, never checkpointed), one per target."""
-
-    def __init__(self, stacks: Mapping[str, LowRankStack], dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.names = list(stacks)
-        self.fan_in_fan_out = [s.fan_in_fan_out for s in stacks.values()]
-        for i, stack in enumerate(stacks.values()):
-            self.register_buffer(f"down_{i}", stack.down.to(dtype), persistent=False)
-            self.register_buffer(f"up_{i}", stack.up.to(dtype), persistent=False)
-            self.register_buffer(f"task_of_rank_{i}", stack.task_of_rank, persistent=False)
-            self.register_buffer(f"scale_of_rank_{i}", stack.scale_of_rank, persistent=False)
-
-    def stacks(self) -> dict[str, LowRankStack]:
-        return {
-            name: LowRankStack(
-                *(getattr(self, f"{part}_{i}") for part in ("down", "up", "task_of_rank", "scale_of_rank")),
-                fan_in_fan_out=self.fan_in_fan_out[i],
-            )
-            for i, name in enumerate(self.names)
-        }
-
-
-GammaOf = Callable[[str], Tensor]  # target weight name -> its [num_tasks] coefficients
-
-
-@contextmanager
-def low_rank_added(model: nn.Module, stacks: Mapping[str, LowRankStack], gamma_of: GammaOf) -> Iterator[None]:
-    """Forwards of ``model`` inside this block add each target's low-rank merge to its layer's
-    output: ``layer(x) + sum_t gamma_of(name)_t s_t (x A_t^T) B_t^T``. The layer itself runs
-    with whatever weight it holds (the base's, or a dense merge swapped in), so full and LoRA
-    experts combine; gradients reach ``gamma_of``'s tensors."""
-    hooks = []
-
-    def hook_for(name: str, stack: LowRankStack):
-        def add(_module, args, output):
-            return output + low_rank_term(args[0], stack, gamma_of(name))
-
-        return add
-
-    try:
-        for name, stack in stacks.items():
-            module = model.get_submodule(name.rpartition(".")[0])
-            hooks.append(module.register_forward_hook(hook_for(name, stack)))
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .coefficients import CoefficientLayout
 from .experts import LoadedExperts
-from .lora import LowRankExperts, low_rank_added, merged_weight
+from .low_rank import LowRankExperts, low_rank_added, merged_weight
 from .merged import expert_tensor, expert_tensors, forward_logits, merge_tensor, merge_tensors
 from .on_demand import MakeTensor, merged_on_demand
 

@@ -28,17 +28,14 @@ from transformers import (
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
 from divmerge_pl.data import MODEL_INPUTS
 from divmerge_pl.experts import load_experts
-from divmerge_pl.lora import (
+from divmerge_pl.lora import UnsupportedAdapterError, is_adapter_folder, read_adapter, read_lora_experts
+from divmerge_pl.low_rank import (
     LoraFactors,
     LowRankExperts,
-    UnsupportedAdapterError,
-    is_adapter_folder,
     low_rank_added,
     low_rank_delta,
     merged_linear,
     merged_weight,
-    read_adapter,
-    read_lora_experts,
     stack_factors,
 )
 from divmerge_pl.preflight import ExpertMismatchError
