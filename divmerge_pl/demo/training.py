@@ -7,8 +7,6 @@ MiniLM's parameters, and keeping them equal to the base means no task vector is 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,8 +16,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 from transformers import logging as hf_logging
 
+from ..atomic import atomic_folder
 
-def _rows(path: Path) -> list[dict]:
+
+def jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a ``.jsonl`` file written by ``tasks.prepare_task``."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -61,6 +62,17 @@ def expert_quality(probs: torch.Tensor, labels: list[int]) -> dict[str, float]:
         "majority_rate": majority,
         "mean_top_probability": float(probs.max(-1).values.mean()),
     }
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, schedule, bar: tqdm) -> None:
+    """One step of a demo fine-tuning (the encoder's and the LM's): backward, update, learning
+    rate, and the loss on the progress bar."""
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def finetune_expert(
@@ -111,8 +123,8 @@ def finetune_expert(
     )
     hf_logging.set_verbosity(verbosity)
     model.get_input_embeddings().weight.requires_grad_(False)
-    train = _rows(task_dir / "train.jsonl")
-    val = _rows(task_dir / "val.jsonl")
+    train = jsonl_rows(task_dir / "train.jsonl")
+    val = jsonl_rows(task_dir / "val.jsonl")
     loader = _batches(tokenizer, train, batch_size, max_length, True, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -125,13 +137,7 @@ def finetune_expert(
         for epoch in range(epochs):
             model.train()
             for batch in loader:
-                loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                optimizer_step(model(**batch).loss, optimizer, schedule, bar)
             if patience is None:
                 continue
             probs = class_probabilities(model, tokenizer, val, max_length)
@@ -144,7 +150,7 @@ def finetune_expert(
     if best_state is not None:
         model.load_state_dict(best_state)
     seconds = time.perf_counter() - start
-    test = _rows(task_dir / "test.jsonl")
+    test = jsonl_rows(task_dir / "test.jsonl")
     quality = expert_quality(
         class_probabilities(model, tokenizer, test, max_length), [r["label"] for r in test]
     )
@@ -167,11 +173,7 @@ def finetune_expert(
 def save_expert(model, tokenizer, summary: dict, out_dir: Path) -> None:
     """Model, tokenizer and ``finetune.json`` written beside ``out_dir`` then renamed into place:
     a run killed while saving leaves no folder that a later run would take for a finished expert."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
