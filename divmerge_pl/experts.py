@@ -25,7 +25,8 @@ from transformers import logging as hf_logging
 
 from .lora import adapter_folders, check_with_adapters, read_lora_experts
 from .low_rank import LowRankStack
-from .preflight import ExpertMismatchError, TaskKind, tied_alias_names
+from .merged import tied_aliases
+from .preflight import ExpertMismatchError, TaskKind
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def load_experts(
     task_vectors: dict[str, Tensor] = {}
     task_heads: dict[str, dict[str, Tensor]] = {}
     fingerprints = {"base": fingerprint({n: base_state[n] for n in merged_names})}
-    on_disk = set(base_model.state_dict()) - set(tied_alias_names(base_model))
+    on_disk = set(base_model.state_dict()) - set(tied_aliases(base_model))
     for t, task in enumerate(tasks):
         _check_tokenizer(task, paths[task], paths["base"])
         if task in adapters:

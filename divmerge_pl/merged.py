@@ -159,14 +159,16 @@ def swapped_weights(base_model: torch.nn.Module, tensors: dict[str, Tensor]) -> 
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """Second names of tied parameters (``lm_head.weight`` -> ``model.embed_tokens.weight``)."""
+    """Second state-dict names of tied tensors -> their first name (``lm_head.weight`` ->
+    ``model.embed_tokens.weight``): ``save_pretrained`` stores a tied tensor once, under its
+    first name, and one merged tensor serves every name."""
     first: dict[int, str] = {}
     aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
         else:
-            first[id(param)] = name
+            first[id(tensor)] = name
     return aliases
 
 

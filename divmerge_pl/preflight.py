@@ -19,6 +19,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .hub import MODEL_FILES, PICKLE_FILES, local_or_snapshot
+from .merged import tied_aliases
 
 TaskKind = Literal["sequence_classification", "causal_lm"]
 
@@ -177,29 +178,15 @@ def check_models(base: str, experts: dict[str, str], allow_pickle: bool = False)
     return CheckedModels(paths=paths, configs=configs, base_config=base_config, kind=kind)
 
 
-def tied_alias_names(model: torch.nn.Module) -> list[str]:
-    """State-dict names that repeat a tied parameter (not stored again by ``save_pretrained``)."""
-    first: dict[int, str] = {}
-    aliases = []
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in first:
-            aliases.append(name)
-        else:
-            first[id(tensor)] = name
-    return aliases
-
-
 def architecture_shapes(config: PretrainedConfig, kind: TaskKind) -> dict[str, tuple[int, ...]]:
     """The tensors ``save_pretrained`` writes for this architecture, built on the meta device
     (no memory, no weights read)."""
-    import torch
-
     from_config = _MAPPINGS[kind].get(type(config), None)
     if from_config is None:
         return {}
     with torch.device("meta"):
         model = from_config._from_config(config)
-    aliases = set(tied_alias_names(model))
+    aliases = tied_aliases(model)
     return {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in aliases}
 
 
