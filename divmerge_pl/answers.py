@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -108,53 +109,33 @@ def answer_targets(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
-    top_k: int | None,
     desc: str,
     show_progress: bool = True,
+    *,
+    top_k: int | None = None,
+    logprobs: bool = True,
 ) -> dict[str, Tensor]:
     """What an expert (``model`` holding ``tensors``) teaches on its prompts: its greedy answers
-    and its log-probabilities at them, over the vocabulary or as top-``k`` + rest."""
+    (``answer_ids``, ``answer_len``) and, with ``logprobs``, its log-probabilities at them, over
+    the vocabulary or as top-``k`` + rest (``logprobs``, ``top_ids``)."""
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {"answer_ids": [], "answer_len": [], "logprobs": [], "top_ids": []}
-    for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        with swapped_weights(model, tensors):
+    with swapped_weights(model, tensors):
+        for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             answers, lengths = generate_answers(model, ids, mask, max_new_tokens, eos_id, pad_id)
+            parts["answer_ids"].append(answers.cpu())
+            parts["answer_len"].append(lengths.cpu())
+            if not logprobs:
+                continue
             logits, _ = answer_logits(model, {}, ids, mask, answers, lengths)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        if top_k is not None:
-            top_ids, logp = top_k_with_rest(logp, top_k)
-            parts["top_ids"].append(top_ids.cpu())
-        parts["answer_ids"].append(answers.cpu())
-        parts["answer_len"].append(lengths.cpu())
-        parts["logprobs"].append(logp.cpu())
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            if top_k is not None:
+                top_ids, logp = top_k_with_rest(logp, top_k)
+                parts["top_ids"].append(top_ids.cpu())
+            parts["logprobs"].append(logp.cpu())
     return {key: torch.cat(values) for key, values in parts.items() if values}
 
 
-@torch.no_grad()
-def expert_generations(
-    model: torch.nn.Module,
-    tensors: dict[str, Tensor],
-    batches: Iterable[dict[str, Tensor]],
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    desc: str,
-    show_progress: bool = True,
-) -> dict[str, Tensor]:
-    """Greedy answers only (for scoring an expert on labelled rows)."""
-    device = next(model.parameters()).device
-    ids, lengths = [], []
-    with swapped_weights(model, tensors):
-        for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
-            answers, n = generate_answers(
-                model,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                max_new_tokens,
-                eos_id,
-                pad_id,
-            )
-            ids.append(answers.cpu())
-            lengths.append(n.cpu())
-    return {"answer_ids": torch.cat(ids), "answer_len": torch.cat(lengths)}
+# greedy answers only (for scoring an expert on labelled rows)
+expert_generations = partial(answer_targets, logprobs=False)

@@ -135,7 +135,7 @@ def test_cached_answers_are_reused_and_renewed_when_an_expert_changes(lm, tmp_pa
     real = kinds_code.answer_targets
 
     def counted(*args, **kwargs):
-        calls.append(kwargs.get("desc", args[7] if len(args) > 7 else None))
+        calls.append(kwargs.get("desc", args[6] if len(args) > 6 else None))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kinds_code, "answer_targets", counted)
