@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
+from .fingerprints import digest_tensor, fingerprint
 from .lora import adapter_folders, check_with_adapters, read_lora_experts
 from .low_rank import LowRankStack
 from .merged import tied_aliases
@@ -34,20 +35,6 @@ KIND_CLASS = {
     "sequence_classification": AutoModelForSequenceClassification,
     "causal_lm": AutoModelForCausalLM,
 }
-
-
-def fingerprint(state: dict[str, Tensor]) -> str:
-    """A content hash of named tensors: caches and checkpoints are keyed by what the weights are."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(state):
-        _digest_tensor(digest, name, state[name])
-    return digest.hexdigest()
-
-
-def _digest_tensor(digest, name: str, tensor: Tensor) -> None:
-    tensor = tensor.detach().to("cpu").contiguous()
-    digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-    digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
 
 
 def safetensors_files(folder: Path, names: set[str]) -> dict[str, Path] | None:
@@ -180,7 +167,7 @@ def load_experts(
         for name in sorted(base_state):  # the order `fingerprint` hashes in
             tensor = read(name)
             _check_tensor(task, name, tensor, base_state[name], name in heads)
-            _digest_tensor(digest, name, tensor)
+            digest_tensor(digest, name, tensor)
             if name in heads:  # a copy: a view would keep the whole mapped file alive
                 task_heads.setdefault(task, {})[name] = tensor.clone()
                 continue

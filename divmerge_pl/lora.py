@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .fingerprints import fingerprint
 from .low_rank import LoraFactors, LowRankStack, stack_factors
 from .preflight import (
     CheckedModels,
@@ -325,7 +326,6 @@ def read_lora_experts(
     full experts) and check each against ``base`` and the merge's ``kind``. ``heads``: the base's
     per-task head tensors (a classification adapter must save its own head: a LoRA trained with
     ``task_type="SEQ_CLS"`` does)."""
-    from .experts import fingerprint  # experts.py imports this module to load adapters
 
     per_task: list[dict[str, LoraFactors]] = []
     task_heads, full, configs, fingerprints = {}, {}, {}, {}
