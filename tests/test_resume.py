@@ -26,6 +26,18 @@ class InterruptAt(L.Callback):
             raise KeyboardInterrupt
 
 
+class InterruptInStep(L.Callback):
+    """Raises what Ctrl-C raises inside the step after ``step``, before its optimizer step: the
+    batch was handed out but the coefficients never moved on it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 class PoisonAt(L.Callback):
     """Makes task ``beta``'s teacher targets NaN before step ``step``."""
 
@@ -49,12 +61,16 @@ def final_coefficients(folder) -> torch.Tensor:
     return torch.tensor(json.loads((runs[-1] / "coefficients.json").read_text())["values"])
 
 
-@pytest.mark.parametrize("stop_at", [6, 8])  # at an epoch boundary (6 batches per epoch), and mid-epoch
-def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at):
+@pytest.mark.parametrize(
+    ("stop_at", "interrupt"),
+    [(6, "InterruptAt"), (8, "InterruptAt"), (8, "InterruptInStep")],
+    ids=["epoch-end", "mid-epoch", "inside-a-step"],
+)  # 6 batches per epoch
+def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at, interrupt):
     main(["fit", "--config", str(write_config(tiny, tiny.root / "whole", epochs=3))])
 
     broken = tiny.root / "broken"
-    config = with_callback(write_config(tiny, broken, epochs=3), "tests.test_resume.InterruptAt", stop_at)
+    config = with_callback(write_config(tiny, broken, epochs=3), f"tests.test_resume.{interrupt}", stop_at)
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config)])
     checkpoint = run_dir(broken) / "checkpoints" / "last.ckpt"

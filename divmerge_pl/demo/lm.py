@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from ..answers import generate_answers
-from ..data import TaskSpec
 from ..metrics import normalize_answer
+from ..tasks import TaskSpec
 from .datamodule import DemoDataModule
 from .packages import fetch_distribution
 from .tasks import prepare_task
