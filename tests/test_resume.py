@@ -84,6 +84,30 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at,
     )
 
 
+def test_a_resumed_run_draws_the_whole_runs_divergence_curves(tiny, monkeypatch):
+    from divmerge_pl import callbacks
+
+    drawn = []
+
+    def recording(history, objective):
+        drawn.append({task: list(points) for task, points in history.items()})
+        return divergence_figure(history, objective)
+
+    divergence_figure = callbacks.divergence_figure
+    monkeypatch.setattr(callbacks, "divergence_figure", recording)
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "whole", epochs=3))])
+    broken = tiny.root / "broken"
+    config = with_callback(write_config(tiny, broken, epochs=3), "tests.test_resume.InterruptInStep", 8)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    main(["fit", "--config", str(write_config(tiny, broken, epochs=3)), "--ckpt_path", "last"])
+    whole, resumed = drawn
+    assert set(resumed) == set(whole) == {"alpha", "beta"}
+    for task, points in whole.items():
+        assert [step for step, _ in resumed[task]] == [step for step, _ in points] == list(range(1, 19))
+        torch.testing.assert_close(torch.tensor(resumed[task]), torch.tensor(points), atol=1e-6, rtol=0)
+
+
 def test_non_finite_objective_stops_with_step_and_task_and_keeps_good_coefficients(tiny):
     folder = tiny.root / "nan"
     config = with_callback(write_config(tiny, folder, epochs=2), "tests.test_resume.PoisonAt", 4)
