@@ -3,12 +3,13 @@ merged model's outputs close (Jensen-Shannon) to each expert's on that task's ow
 
 from .callbacks import CoefficientMonitor, MergedModelExport, MergeOnFitEnd
 from .coefficients import CoefficientLayout, build_layout, initial_coefficients
-from .data import MergeDataModule, TaskSpec
+from .data import MergeDataModule
 from .divergences import OBJECTIVES, entropy, js_divergence, kl_divergence, masked_mean
 from .experts import load_experts
 from .merged import merge_tensors
 from .module import DivMergeModule
 from .preflight import ExpertMismatchError
+from .tasks import TaskSpec
 
 __all__ = [
     "OBJECTIVES",

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, PreTrainedModel
+from typing_extensions import override
 
 from .coefficients import Granularity
 from .data import MergeDataModule
@@ -90,6 +91,16 @@ class CoefficientMonitor(L.Callback):
             if key.startswith(prefix) and not key.endswith("_epoch"):
                 task = key.removeprefix(prefix).removesuffix("_step")
                 self.history[task].append((trainer.global_step, float(value)))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The divergence curves so far: a resumed run draws the whole run's, not its own part."""
+        return {"history": {task: list(points) for task, points in self.history.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["history"]
+        self.history = defaultdict(list, {task: [tuple(p) for p in points] for task, points in saved.items()})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = shared_run_folder(trainer)  # on every rank: it broadcasts

@@ -8,132 +8,25 @@ module, not by the data pipeline).
 from __future__ import annotations
 
 import logging
-import string
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from datasets import Dataset, concatenate_datasets
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from typing_extensions import override
 
 from .hub import local_or_snapshot
-from .metrics import ANSWER_METRICS, MetricName
+from .metrics import MetricName
 from .quiet import follow_trainer
-from .sources import (
-    DatasetSource,
-    Files,
-    OpenedDataset,
-    as_source,
-    check_paths,
-    open_dataset,
-    peek_columns,  # noqa: F401 (public: the columns of one data file)
-    read_paths,
-)
+from .sampling import EpochShuffle, ResumableLoader
+from .sources import Files
+from .tasks import TaskSpec, as_label, as_reference, check_files, check_tasks, drop_empty_texts, read_rows
 
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@dataclass
-class TaskSpec:
-    """One task: its name (a key of ``model.experts``), its files and which fields to read."""
-
-    name: str
-    # a dataset is a plain mapping here, not DatasetSource: with a class in the union, jsonargparse
-    # reads a string naming an existing file as that file's contents
-    train_files: str | list[str] | dict[str, str | None]
-    """Inputs for the merge: files (csv, tsv, json, jsonl, parquet, txt), a ``save_to_disk``
-    folder, or a dataset ``{path, name, split}`` (see ``sources.py``); any label is ignored."""
-    eval_files: str | list[str] | dict[str, str | None] | None = None
-    """Labelled rows for the report, taken as ``train_files`` are; without them the task gets no score."""
-    val_files: str | list[str] | dict[str, str | None] | None = None
-    """Labelled validation rows, apart from ``eval_files``: where training-free methods choose
-    their scale (and TIES its density). Never used by a learned merge, never scored."""
-    text_fields: list[str] = field(default_factory=lambda: ["text"])
-    """One field, or two for pairs (premise / hypothesis)."""
-    label_field: str | None = "label"
-    """Integer class ids, read from ``eval_files`` only (never used by the loss)."""
-    num_samples: int = 200
-    """Unlabelled inputs used for the merge (the paper uses 200-400 per task)."""
-    eval_samples: int | None = None
-    """Cap on eval rows (None: all)."""
-    val_samples: int | None = None
-    """Cap on validation rows (None: all)."""
-    metric: MetricName = "accuracy"
-    """Score of the report: ``accuracy`` or ``f1`` (macro); for causal LMs ``accuracy`` (label
-    word), ``exact_match``, ``rouge1`` or ``rougeL`` of the generated answer."""
-    prompt: str | None = None
-    """Causal LM experts: the input as a template over the row's fields, such as
-    ``"{sentence}\\nAnswer:"`` (then ``text_fields`` is not used)."""
-    label_words: list[str] | None = None
-    """Causal LM classification: the answer of class ``i`` is ``label_words[i]`` (labels in the eval
-    files are class ids). Without it, ``label_field`` holds the reference answer text."""
-
-    @property
-    def input_fields(self) -> list[str]:
-        """The fields an input is made of: the prompt's placeholders, or ``text_fields``."""
-        if self.prompt is None:
-            return list(self.text_fields)
-        try:
-            return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.prompt) if f))
-        except ValueError as err:
-            raise self._bad_template(err) from None
-
-    def _bad_template(self, err: Exception) -> ValueError:
-        return ValueError(
-            f"task {self.name!r}: prompt {self.prompt!r} is not a valid template ({err}); "
-            "write fields as {name} and literal braces as {{ }}"
-        )
-
-    def format_prompt(self, row: dict[str, Any]) -> str:
-        try:
-            return self.prompt.format(**{f: "" if row[f] is None else row[f] for f in self.input_fields})
-        except (IndexError, ValueError, AttributeError) as err:
-            raise self._bad_template(err) from None
-
-
-def read_rows(task: str, files: Files, columns: list[str], source: str = "data files") -> Dataset:
-    """Read a task's rows with ``datasets`` after ``check_files``; the error names the task, the
-    source and the column."""
-    found = check_files(task, files, columns, source)
-    if isinstance(found, OpenedDataset):
-        rows, where = found.read(task, source), found.spec.describe()
-    else:
-        rows, where = read_paths(task, found), str([str(p) for p in found])
-    for column in columns:
-        if column not in rows.column_names:
-            raise ValueError(
-                f"task {task!r}: field {column!r} not found in {where} ({source}); "
-                f"columns there: {rows.column_names}"
-            )
-    if len(rows) == 0:
-        raise ValueError(f"task {task!r}: {where} ({source}) hold no rows")
-    return rows
-
-
-def check_files(task: str, files: Files, columns: list[str], source: str) -> list[Path] | OpenedDataset:
-    """Existence, format and fields of one task's files or dataset, from their first row or
-    metadata: a mistake in the last task's inputs fails before the first task's are tokenised."""
-    found = as_source(task, files, source)
-    if isinstance(found, DatasetSource):
-        opened = open_dataset(task, found, source)
-        seen = [(found.describe(), opened.columns)]
-    else:
-        opened = found
-        seen = [(repr(str(p)), c) for p, c in zip(found, check_paths(task, found, source), strict=True)]
-    for where, present in seen:
-        missing = [c for c in columns if present is not None and c not in present]
-        if missing:
-            raise ValueError(
-                f"task {task!r}: field {missing[0]!r} not found in {where} ({source}); "
-                f"columns there: {present}"
-            )
-    return opened
 
 
 class MergeDataModule(L.LightningDataModule):
@@ -160,28 +53,7 @@ class MergeDataModule(L.LightningDataModule):
             seed: which ``num_samples`` rows are drawn from each task's files.
         """
         super().__init__()
-        if not tasks:
-            raise ValueError("data.tasks is empty: give at least one task")
-        names = [t.name for t in tasks]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"data.tasks: task name {duplicates[0]!r} appears more than once")
-        for task in tasks:
-            if task.num_samples <= 0:
-                raise ValueError(
-                    f"task {task.name!r}: num_samples must be a positive integer, got {task.num_samples}"
-                )
-            if task.prompt is None and not 1 <= len(task.text_fields) <= 2:
-                raise ValueError(
-                    f"task {task.name!r}: text_fields takes one or two fields, got {task.text_fields}"
-                )
-            _check_prompt(task)
-        prompted = [t.name for t in tasks if t.prompt is not None]
-        if prompted and len(prompted) != len(tasks):
-            raise ValueError(
-                f"data.tasks: {prompted} have a prompt (causal LM experts) but "
-                f"{[t.name for t in tasks if t.prompt is None]} do not; give every task a prompt, or none"
-            )
+        check_tasks(tasks)
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         self.tasks = list(tasks)
@@ -245,7 +117,7 @@ class MergeDataModule(L.LightningDataModule):
             if task.prompt is not None or task.label_field is None:
                 continue
             labels[task.name] = [
-                _as_label(task.name, value)
+                as_label(task.name, value)
                 for source, files in (("eval_files", task.eval_files), ("val_files", task.val_files))
                 if files is not None
                 for value in self._read_labelled(task, source, files)[task.label_field]
@@ -321,9 +193,9 @@ class MergeDataModule(L.LightningDataModule):
             out["truncated"] = [len(ids) > self.max_length for ids in full]
             out["task_id"] = [task_id] * len(texts[0])
             if with_labels and task.prompt is None:
-                out["labels"] = [_as_label(task.name, v) for v in batch[task.label_field]]
+                out["labels"] = [as_label(task.name, v) for v in batch[task.label_field]]
             elif with_labels:
-                out["reference"] = [_as_reference(task, v) for v in batch[task.label_field]]
+                out["reference"] = [as_reference(task, v) for v in batch[task.label_field]]
             return out
 
         encoded = rows.map(
@@ -352,27 +224,19 @@ class MergeDataModule(L.LightningDataModule):
             batch["references"] = [r["reference"] for r in rows]
         return batch
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_rows,
-            batch_size=self.batch_size,
-            sampler=self._train_sampler(),
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
-
-    def _train_sampler(self) -> EpochShuffle:
+    def train_dataloader(self) -> ResumableLoader:
+        """The merge's rows in an order fixed by ``(seed, epoch)``, this process's share of it under
+        DDP; Lightning checkpoints the loader's place in the epoch and restores it on resume."""
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochShuffle(len(self.train_rows), self.seed, replicas, rank)
-        if trainer is not None:
-            # Resumed mid-epoch: Lightning restores its loop counters but restarts the loader, so
-            # skip the rows of that epoch already used; the run then ends exactly as unbroken.
-            loop = trainer.fit_loop
-            done = loop.epoch_loop.batch_progress.current.processed
-            if done:
-                sampler.skip_at(loop.epoch_progress.current.completed, done * self.batch_size * replicas)
-        return sampler
+        return ResumableLoader(
+            self.train_rows,
+            batch_size=self.batch_size,
+            sampler=EpochShuffle(self.train_rows, self.seed, replicas, rank),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            steps_done=None if trainer is None else lambda: trainer.global_step,
+        )
 
     def ordered_dataloader(self, rows: Dataset, shortest_first: bool = False) -> DataLoader:
         """All of ``rows`` in order (teacher outputs, whose order is their row order), or
@@ -397,109 +261,8 @@ class MergeDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
-class EpochShuffle(DistributedSampler):
-    """A fresh permutation per epoch that depends only on ``(seed, epoch)``: the order does not
-    hang on whatever else consumed the global RNG (expert fine-tuning, teacher passes), so reruns
-    and resumed runs see the same batches. Lightning calls ``set_epoch`` every epoch.
-
-    With several processes, rank ``r`` takes every ``num_replicas``-th row of the one global
-    order, so the processes' batches together are exactly the single-process batch of
-    ``num_replicas x batch_size`` rows. (A DistributedSampler, so Lightning keeps it as it is.)
-    """
-
-    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        # DistributedSampler.__init__ needs a dataset and a process group: neither is needed here
-        self.size = size
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self.shuffle = True
-        self._skip: tuple[int, int] | None = None
-
-    def skip_at(self, epoch: int, rows: int) -> None:
-        """Leave out the first ``rows`` of ``epoch``'s global order, once (resuming mid-epoch)."""
-        self._skip = (epoch, rows)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self._skip is not None and self._skip[0] == self.epoch:
-            order = order[self._skip[1] :]
-            self._skip = None
-        padding = -len(order) % self.num_replicas  # equal shares, as DistributedSampler does
-        order += order[:padding]
-        return iter(order[self.rank :: self.num_replicas])
-
-    def __len__(self) -> int:
-        return -(-self.size // self.num_replicas)
-
-
-def drop_empty_texts(rows: Dataset, task: TaskSpec, source: str) -> Dataset:
-    """Rows whose text fields are all empty carry nothing to match: skip them, say how many."""
-
-    def has_text(row: dict[str, Any]) -> bool:
-        return any(row[f] is not None and str(row[f]).strip() for f in task.input_fields)
-
-    kept = rows.filter(has_text, desc=f"checking {task.name}")
-    if len(kept) < len(rows):
-        log.warning(
-            "task %r: %d row(s) of %s have empty text and are skipped",
-            task.name,
-            len(rows) - len(kept),
-            source,
-        )
-    if len(kept) == 0:
-        raise ValueError(f"task {task.name!r}: every row of {source} has empty {task.input_fields}")
-    return kept
-
-
 def _with_row_ids(rows: Dataset) -> Dataset:
     return rows.add_column("row_id", list(range(len(rows))))
-
-
-def _as_label(task: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(
-            f"task {task!r}: eval label {value!r} is not an integer class id; "
-            "map labels to 0..K-1 in the eval files"
-        )
-    return value
-
-
-def _check_prompt(task: TaskSpec) -> None:
-    if task.prompt is None:
-        if task.label_words is not None:
-            raise ValueError(f"task {task.name!r}: label_words is for causal LM tasks; give a prompt too")
-        if task.metric not in ("accuracy", "f1"):
-            raise ValueError(
-                f"task {task.name!r}: metric {task.metric!r} scores generated text; classification "
-                "experts take accuracy or f1"
-            )
-        return
-    task.format_prompt(dict.fromkeys(task.input_fields, ""))  # a broken template fails now
-    if not task.input_fields:
-        raise ValueError(f"task {task.name!r}: prompt {task.prompt!r} names no field, such as {{text}}")
-    if task.metric not in ANSWER_METRICS:
-        raise ValueError(
-            f"task {task.name!r}: metric {task.metric!r} is not for generated answers; choose one of "
-            f"{', '.join(ANSWER_METRICS)}"
-        )
-    if task.label_words is not None and len(set(task.label_words)) != len(task.label_words):
-        raise ValueError(f"task {task.name!r}: label_words {task.label_words} repeat a word")
-
-
-def _as_reference(task: TaskSpec, value: Any) -> str:
-    """The answer an eval row expects: its class's label word, or its own text."""
-    if task.label_words is None:
-        return "" if value is None else str(value)
-    label = _as_label(task.name, value)
-    if not 0 <= label < len(task.label_words):
-        raise ValueError(
-            f"task {task.name!r}: eval label {label} has no label word (label_words has "
-            f"{len(task.label_words)}: {task.label_words})"
-        )
-    return task.label_words[label]
 
 
 def checked_datamodule(dm: object, tasks: tuple[str, ...]) -> MergeDataModule:

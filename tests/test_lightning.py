@@ -246,11 +246,11 @@ def test_two_cpu_processes_with_ddp_learn_what_one_process_learns(tiny):
 
 
 def test_sampler_shards_give_the_single_process_batches():
-    from divmerge_pl.data import EpochShuffle
+    from divmerge_pl.sampling import EpochShuffle
 
     for size in (48, 50):
-        whole = list(EpochShuffle(size, seed=3))
-        shards = [list(EpochShuffle(size, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+        whole = list(EpochShuffle(range(size), seed=3))
+        shards = [list(EpochShuffle(range(size), seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
         assert len(shards[0]) == len(shards[1]) == -(-size // 2)
         interleaved = [i for pair in zip(*shards, strict=True) for i in pair]
         assert interleaved[:size] == whole  # batch k of each rank together = single-process batch k

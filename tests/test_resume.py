@@ -26,6 +26,18 @@ class InterruptAt(L.Callback):
             raise KeyboardInterrupt
 
 
+class InterruptInStep(L.Callback):
+    """Raises what Ctrl-C raises inside the step after ``step``, before its optimizer step: the
+    batch was handed out but the coefficients never moved on it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 class PoisonAt(L.Callback):
     """Makes task ``beta``'s teacher targets NaN before step ``step``."""
 
@@ -49,12 +61,16 @@ def final_coefficients(folder) -> torch.Tensor:
     return torch.tensor(json.loads((runs[-1] / "coefficients.json").read_text())["values"])
 
 
-@pytest.mark.parametrize("stop_at", [6, 8])  # at an epoch boundary (6 batches per epoch), and mid-epoch
-def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at):
+@pytest.mark.parametrize(
+    ("stop_at", "interrupt"),
+    [(6, "InterruptAt"), (8, "InterruptAt"), (8, "InterruptInStep")],
+    ids=["epoch-end", "mid-epoch", "inside-a-step"],
+)  # 6 batches per epoch
+def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at, interrupt):
     main(["fit", "--config", str(write_config(tiny, tiny.root / "whole", epochs=3))])
 
     broken = tiny.root / "broken"
-    config = with_callback(write_config(tiny, broken, epochs=3), "tests.test_resume.InterruptAt", stop_at)
+    config = with_callback(write_config(tiny, broken, epochs=3), f"tests.test_resume.{interrupt}", stop_at)
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config)])
     checkpoint = run_dir(broken) / "checkpoints" / "last.ckpt"
@@ -66,6 +82,30 @@ def test_resume_after_ctrl_c_ends_where_an_uninterrupted_run_ends(tiny, stop_at)
     torch.testing.assert_close(
         final_coefficients(broken), final_coefficients(tiny.root / "whole"), atol=1e-6, rtol=0
     )
+
+
+def test_a_resumed_run_draws_the_whole_runs_divergence_curves(tiny, monkeypatch):
+    from divmerge_pl import callbacks
+
+    drawn = []
+
+    def recording(history, objective):
+        drawn.append({task: list(points) for task, points in history.items()})
+        return divergence_figure(history, objective)
+
+    divergence_figure = callbacks.divergence_figure
+    monkeypatch.setattr(callbacks, "divergence_figure", recording)
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "whole", epochs=3))])
+    broken = tiny.root / "broken"
+    config = with_callback(write_config(tiny, broken, epochs=3), "tests.test_resume.InterruptInStep", 8)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    main(["fit", "--config", str(write_config(tiny, broken, epochs=3)), "--ckpt_path", "last"])
+    whole, resumed = drawn
+    assert set(resumed) == set(whole) == {"alpha", "beta"}
+    for task, points in whole.items():
+        assert [step for step, _ in resumed[task]] == [step for step, _ in points] == list(range(1, 19))
+        torch.testing.assert_close(torch.tensor(resumed[task]), torch.tensor(points), atol=1e-6, rtol=0)
 
 
 def test_non_finite_objective_stops_with_step_and_task_and_keeps_good_coefficients(tiny):

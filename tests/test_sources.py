@@ -14,8 +14,8 @@ import yaml
 from datasets import Dataset, DatasetDict
 
 from divmerge_pl.cli import main
-from divmerge_pl.data import check_files, read_rows
 from divmerge_pl.sources import DatasetSource
+from divmerge_pl.tasks import check_files, read_rows
 
 from .test_fit import run_dir, write_config
 

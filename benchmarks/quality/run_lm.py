@@ -30,9 +30,9 @@ sys.path.insert(0, str(HERE))
 
 import run as encoder_arm  # noqa: E402  (the shared grid, records and tables)
 
-from divmerge_pl.data import TaskSpec  # noqa: E402
 from divmerge_pl.demo.lm import finetune_lm_expert, prepare_lm_base  # noqa: E402
 from divmerge_pl.demo.tasks import prepare_task  # noqa: E402
+from divmerge_pl.tasks import TaskSpec  # noqa: E402
 
 OUT = HERE / "lm"
 DEFAULT_TASKS = "bbc_news,amazon_reviews,fever,hyperbaton,epistemic_reasoning,multiemo,trump_tweets"

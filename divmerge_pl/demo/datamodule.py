@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..data import MergeDataModule, TaskSpec
 from .tasks import prepare_base, prepare_task
@@ -31,12 +32,7 @@ class DemoDataModule(MergeDataModule):
         finetune_patience: int | None = None,
         finetune_lr: float = 1e-4,
         finetune_max_length: int = 64,
-        tokenizer: str | None = None,
-        batch_size: int = 16,
-        eval_batch_size: int = 64,
-        max_length: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
         """
         Args:
@@ -50,8 +46,10 @@ class DemoDataModule(MergeDataModule):
                 in validation accuracy, keeping its best epoch (None: run every epoch).
             finetune_lr: AdamW learning rate of expert fine-tuning.
             finetune_max_length: token limit during expert fine-tuning.
+            options: MergeDataModule's (``tokenizer``, ``batch_size``, ...); its ``seed`` also seeds
+                the data split and the experts' fine-tuning.
         """
-        super().__init__(tasks, tokenizer, batch_size, eval_batch_size, max_length, num_workers, seed)
+        super().__init__(tasks, **options)
         self.root = Path(root).expanduser()
         self.sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
         self.finetune = {
@@ -59,7 +57,7 @@ class DemoDataModule(MergeDataModule):
             "patience": finetune_patience,
             "lr": finetune_lr,
             "max_length": finetune_max_length,
-            "seed": seed,
+            "seed": self.seed,
         }
 
     def prepare_data(self) -> None:

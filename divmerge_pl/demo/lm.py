@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedul
 
 from ..answers import generate_answers
 from ..atomic import atomic_folder
-from ..data import TaskSpec
 from ..metrics import normalize_answer
+from ..tasks import TaskSpec
 from .datamodule import DemoDataModule
 from .packages import fetch_distribution
 from .tasks import prepare_task
