@@ -22,6 +22,7 @@ from .coefficients import Granularity
 from .data import MergeDataModule
 from .export import (
     ExportDtype,
+    ExportOptions,
     check_can_push,
     check_free,
     check_repo_ids,
@@ -167,29 +168,21 @@ class MergedModelExport(L.Callback):
                 uploaded with its model card (your Hugging Face token, e.g. ``HF_TOKEN``).
             hub_private: create missing repositories as private.
         """
-        self.dirpath = dirpath
-        self.overwrite = overwrite
-        self.save_weights = save_weights
-        self.dtype = dtype
-        self.max_shard_size = max_shard_size
-        self.push_to_hub = push_to_hub
-        self.hub_private = hub_private
-        if push_to_hub is not None and not save_weights:
-            raise ValueError(
-                "export.push_to_hub needs export.save_weights: true (there is nothing to upload)"
-            )
+        self.options = ExportOptions(
+            dirpath, overwrite, save_weights, dtype, max_shard_size, push_to_hub, hub_private
+        )
 
     def folder(self, trainer: L.Trainer) -> Path:
         """Call on every rank (the run's folder is broadcast from rank 0)."""
-        if self.dirpath is not None:
-            return Path(self.dirpath).expanduser()
+        if self.options.dirpath is not None:
+            return Path(self.options.dirpath).expanduser()
         return shared_run_folder(trainer)
 
     def repo_ids(self, module: DivMergeModule) -> dict[str, str]:
         """Folder name inside ``merged/`` -> its Hub repository (empty without push_to_hub)."""
-        if self.push_to_hub is None:
+        if self.options.push_to_hub is None:
             return {}
-        repo_ids = hub_repo_ids(self.push_to_hub, module.tasks, one_model=module.is_causal_lm)
+        repo_ids = hub_repo_ids(self.options.push_to_hub, module.tasks, one_model=module.is_causal_lm)
         check_repo_ids(repo_ids)
         check_can_push()
         return repo_ids
@@ -197,7 +190,7 @@ class MergedModelExport(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = self.folder(trainer)  # on every rank: it broadcasts
         if trainer.is_global_zero:
-            check_free(folder, self.overwrite)  # fail now, not after the run
+            check_free(folder, self.options.overwrite)  # fail now, not after the run
             self.repo_ids(_divmerge(pl_module, self))  # a bad repo id too
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -228,7 +221,7 @@ class MergedModelExport(L.Callback):
             model_class="AutoModelForCausalLM"
             if module.is_causal_lm
             else "AutoModelForSequenceClassification",
-            dtype=export_dtype(self.dtype, frozen.configs, frozen.paths),
+            dtype=export_dtype(self.options.dtype, frozen.configs, frozen.paths),
             is_causal_lm=module.is_causal_lm,
             hub_ids=tuple(i for i in hub_ids if i is not None),  # resolved into the Hub cache
         )
@@ -240,19 +233,19 @@ class MergedModelExport(L.Callback):
 
         written = write_outputs(
             folder,
-            module.merged_models() if self.save_weights else None,
+            module.merged_models() if self.options.save_weights else None,
             module.coefficient_table(),
             report,
             tokenizer=tokenizer,
-            overwrite=self.overwrite,
+            overwrite=self.options.overwrite,
             dtype=facts.dtype,
-            max_shard_size=self.max_shard_size,
+            max_shard_size=self.options.max_shard_size,
             card=card,
         )
         print_report(report, title=f"{report['method']} -> {folder}")
         log_report(loggers, report, step)
         if repo_ids:
-            for task, url in push_folders(written, repo_ids, self.hub_private).items():
+            for task, url in push_folders(written, repo_ids, self.options.hub_private).items():
                 rank_zero_info(f"merged/{task}: published to {repo_ids[task]} ({url})")
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,28 @@ from .merged import save_model
 from .preflight import safetensors_in
 
 ExportDtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``MergedModelExport`` writes and where (its typed arguments, documented there), kept
+    together and checked once, before any run."""
+
+    dirpath: str | None = None
+    overwrite: bool = False
+    save_weights: bool = True
+    dtype: ExportDtype | None = None
+    max_shard_size: str | int | None = None
+    push_to_hub: str | None = None
+    hub_private: bool = True
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub is not None and not self.save_weights:
+            raise ValueError(
+                "export.push_to_hub needs export.save_weights: true (there is nothing to upload)"
+            )
+
+
 EXPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
