@@ -167,8 +167,12 @@ _SHARPENED = (
     _DIVMERGE.split(":")[0] + "'s settings with the experts' targets sharpened, softmax(log p / 0.5) "
     "(divmerge-pl's variant, no labels used)"
 )
-_FAMILIES["balanced"] = dict(_FAMILIES["divmerge"], reference=_BALANCED, extra={"task_weighting": "relative"})
-_FAMILIES["sharpened"] = dict(_FAMILIES["divmerge"], reference=_SHARPENED, extra={"teacher_temperature": 0.5})
+_FAMILIES["balanced"] = dict(
+    _FAMILIES["divmerge"], reference=_BALANCED, extra={"task_weighting": "relative"}
+)
+_FAMILIES["sharpened"] = dict(
+    _FAMILIES["divmerge"], reference=_SHARPENED, extra={"teacher_temperature": 0.5}
+)
 _TRANSFORMS = {"": "none", "_ties": "ties", "_dare": "dare"}
 
 
