@@ -1,17 +1,18 @@
 """``divmerge-pl merge`` and ``divmerge-pl compare``: every method through the same harness.
 
 Both take the same config as ``fit`` and a method of the registry (methods.py) with its own
-published settings. A training-free method is applied to the loaded task vectors (its scale
-chosen on the labelled validation rows, if the tasks have ``val_files``) and scored by
-``trainer.validate``; a learned one is a ``fit`` with the method's settings. Either way the
-outputs are written by the same
-``MergedModelExport``, so every method's report comes from the same code.
+published settings. A training-free method is the module's ``static_method`` argument, applied
+to the loaded task vectors (its scale chosen on the labelled validation rows, if the tasks have
+``val_files``) and scored by ``trainer.validate``; a learned one is a ``fit`` with the method's
+settings. Either way the outputs are written by the same ``MergedModelExport``, so every
+method's report comes from the same code.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .callbacks import MergedModelExport
 from .data import MergeDataModule
 from .export import write_json
-from .methods import DEFAULT_METHODS, LearnedMethod, get_method
+from .methods import DEFAULT_METHODS, LearnedMethod, StaticMethod, get_method
 from .plots import comparison_bars
 from .run_cli import build_run
 
@@ -36,14 +37,20 @@ def shared_datamodule(cli_args: list[str], root: Path) -> MergeDataModule:
     return build_run([*cli_args, f"--trainer.default_root_dir={root}"]).datamodule
 
 
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
 def learned_args(method: LearnedMethod) -> list[str]:
-    """The method's settings as options of ``fit``: model options and its number of epochs."""
+    """The method's settings as options of ``fit``: model options and its number of epochs (and
+    no training-free method, should the config name one: a saved config of a ``merge`` run)."""
+    options = [f"--model.init_args.{k}={_value(v)}" for k, v in method.model_options().items()]
+    return [*options, "--model.init_args.static_method=null", f"--trainer.max_epochs={method.epochs}"]
 
-    def value(v: Any) -> str:
-        return v if isinstance(v, str) else json.dumps(v)
 
-    options = [f"--model.init_args.{k}={value(v)}" for k, v in method.model_options().items()]
-    return [*options, f"--trainer.max_epochs={method.epochs}"]
+def static_args(method: StaticMethod) -> list[str]:
+    """The method as the module's ``static_method`` argument: what config.yaml records."""
+    return [f"--model.init_args.static_method={json.dumps(asdict(method))}"]
 
 
 def after_configs(cli_args: list[str], options: list[str]) -> list[str]:
@@ -69,10 +76,9 @@ def run_method(
         cli = build_run(after_configs(cli_args, learned_args(chosen)))
         cli.trainer.fit(cli.model, datamodule=datamodule or cli.datamodule)
         return _export_callback(cli.trainer).folder(cli.trainer)
-    cli = build_run(cli_args)
-    model, trainer = cli.model, cli.trainer
+    cli = build_run(after_configs(cli_args, static_args(chosen)))
+    model, trainer = cli.model, cli.trainer  # its settings are chosen on val_files as validation starts
     export = _export_callback(trainer)
-    model.use_static_merge(chosen.build(), method=chosen)  # chooses its settings on val_files first
     export.on_fit_start(trainer, model)  # an earlier run's outputs stop us before any work
     trainer.validate(model, datamodule=datamodule or cli.datamodule)
     return export.export(trainer, model)

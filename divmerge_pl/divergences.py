@@ -99,6 +99,13 @@ def combine_tasks(task_means: Tensor, weights: Tensor | None = None) -> Tensor:
     return task_means.sum() if weights is None else (weights * task_means).sum()
 
 
+def batch_objective(sums: Tensor, counts: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The objective of a batch from each task's summed divergence and row count: the tasks
+    present in it (``counts > 0``), each by its mean, combined as ``combine_tasks``."""
+    present = counts > 0
+    return combine_tasks(sums[present] / counts[present], None if weights is None else weights[present])
+
+
 Objective = Callable[[Tensor | None, Tensor], Tensor]
 
 OBJECTIVES: dict[str, Objective] = {

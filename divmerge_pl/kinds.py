@@ -24,6 +24,7 @@ from .divergences import coarsen, sharpen
 from .experts import KIND_CLASS
 from .merged import build_model, forward_logits, logits_per_task, swapped_weights
 from .metrics import TaskScores
+from .preflight import CheckedModels
 from .quiet import show_progress
 from .teachers import TeacherCache, Teachers, across_ranks, compute_logprobs, rows_of, teacher_key
 
@@ -324,6 +325,28 @@ class CausalLMKind(TaskKind):
 def task_kind(module: DivMergeModule) -> TaskKind:
     """The kind of the loaded experts."""
     return CausalLMKind(module) if module.frozen.is_causal_lm else ClassificationKind(module)
+
+
+def check_data_labels(checked: CheckedModels, dm: Any) -> None:
+    """Class ids outside an expert's head refused, read (not tokenised) before the logger or
+    SaveConfigCallback write their folders in setup."""
+    if checked.kind == "sequence_classification" and isinstance(dm, MergeDataModule):
+        for task, labels in dm.class_labels().items():
+            if task in checked.configs:
+                check_labels(task, labels, int(checked.configs[task].num_labels))
+
+
+def check_prompts(experts_kind: str, data_is_causal_lm: bool) -> None:
+    """Prompts are for causal LM experts, and causal LM experts need them."""
+    if (experts_kind == "causal_lm") != data_is_causal_lm:
+        raise ValueError(
+            f"the experts are {experts_kind} models, but data.tasks "
+            + (
+                "have no prompt: give each task a prompt such as '{text}\\nAnswer:'"
+                if experts_kind == "causal_lm"
+                else "have prompts, which are for causal LM experts: remove them"
+            )
+        )
 
 
 def check_labels(task: str, labels: list[int], num_classes: int) -> None:

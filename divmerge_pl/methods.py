@@ -27,7 +27,7 @@ class StaticMethod:
 
     name: str
     params: dict[str, Any]
-    grid: dict[str, list[float]]
+    grid: dict[str, list[Any]]  # values of any of its params (scale, density, scope...)
     reference: str
     kind: Literal["static"] = "static"
 

@@ -3,16 +3,18 @@
 The only trainable state is Gamma [tasks x groups]. Experts are loaded in ``setup`` (after
 ``prepare_data``, so a datamodule may build them first) and are never written to checkpoints.
 The frozen side lives in ``task_vectors.py``, what differs between classification and causal LM
-experts in ``kinds.py``, the teachers' targets in ``teachers.py``: this module is the hooks.
+experts in ``kinds.py``, the teachers' targets in ``teachers.py``, scoring in ``evaluation.py``,
+checkpoint checks in ``resume.py``: this module is the hooks, Gamma, the optimizer and the loss.
+A training-free method (``static_method``) replaces Gamma by its fixed result.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
@@ -20,18 +22,19 @@ from typing_extensions import override
 from .arguments import check_arguments
 from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
 from .data import MODEL_INPUTS, MergeDataModule, checked_datamodule
-from .divergences import combine_tasks, get_objective, relative_weights
+from .divergences import batch_objective, get_objective, relative_weights
+from .evaluation import Evaluation, mean_divergences
 from .experts import load_experts
-from .kinds import TaskKind, check_labels, task_kind
+from .kinds import TaskKind, check_data_labels, check_prompts, task_kind
 from .lora import check_with_adapters
 from .methods import StaticMethod
-from .metrics import TaskScores, build_report
+from .metrics import TaskScores
 from .quiet import follow_trainer
-from .reports import coefficient_table, merge_report, method_name
-from .resume import check_fingerprints, merge_settings, saved_settings, settings_differences, settings_error
+from .reports import coefficient_table
+from .resume import check_checkpoint, checkpoint_record
 from .selection import choose_settings
 from .static_merges import StaticMerge, transformed_vectors
-from .task_vectors import FixedDelta, FrozenExperts, check_strategy
+from .task_vectors import FixedDelta, FrozenExperts, check_dense_needs, check_strategy
 from .teachers import DEFAULT_CACHE, Teachers, token_fingerprint
 
 __all__ = ["DivMergeModule", "FrozenExperts", "check_strategy"]
@@ -63,6 +66,7 @@ class DivMergeModule(L.LightningModule):
         allow_pickle: bool = False,
         task_weighting: Literal["sum", "relative"] = "sum",
         teacher_temperature: float = 1.0,
+        static_method: StaticMethod | None = None,
     ) -> None:
         """
         Args:
@@ -105,27 +109,32 @@ class DivMergeModule(L.LightningModule):
                 (measured once, before the first step), so an unsure expert's task is not given up.
             teacher_temperature: the experts' targets are ``softmax(log p / T)``; below 1 they are
                 sharpened towards each expert's own answer (1: the experts' distributions).
+            static_method: a training-free method of the registry (``methods.py``; what
+                ``divmerge-pl merge --method average|task_arithmetic|ties|dare`` sets) instead of
+                learned coefficients: the merge is its result, its settings chosen from its grid on
+                the labelled validation rows when the tasks have some. None: learn (``fit``).
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore="static_method")
+        # as plain data (its registry fields), as in config.yaml: hparams.yaml and recipes stay plain YAML
+        self.save_hyperparameters({"static_method": None if static_method is None else asdict(static_method)})
         check_arguments(self.hparams)
         if task_weighting == "relative":  # checkpointed: a resumed run keeps the first run's weights
             self.register_buffer("start_divergence", torch.full((len(experts),), float("nan")))
         self.objective = get_objective(objective)
+        self.static_method = static_method
+        # the training-free merge at its current settings (choose_settings may replace them)
+        self.static_merge: StaticMerge | None = None if static_method is None else static_method.build()
+        self.selection: dict[str, Any] | None = None  # how static_merge's settings were chosen
         self.frozen: FrozenExperts | None = None
         self.kind: TaskKind | None = None  # classification or causal LM, chosen once the experts load
         self.teachers: Teachers | None = None  # built at the start of fit / validate / test
         self.coefficients: nn.Parameter | None = None
         self.layout = None
-        self.static_merge: StaticMerge | None = None  # set by `divmerge-pl merge` before setup
-        self.static_method: StaticMethod | None = None  # the registry's entry behind static_merge
         self.fixed_delta: FixedDelta | None = None  # static_merge's result, once the experts load
-        self.selection: dict[str, Any] | None = None  # how a training-free method's params were chosen
         self.val_scores: TaskScores | None = None
-        self.last_merged_scores: tuple[int, dict[str, float]] | None = None
+        self.evaluation: Evaluation | None = None  # scores, once the experts load
         self.on_demand_ok = False  # set by prepare_teachers, once checked on this model
-        self._eval_tensors: dict[str, Tensor] | None = None
-        self._tuning_expert_scores: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -141,6 +150,10 @@ class DivMergeModule(L.LightningModule):
         """Each expert's score on its own task's scored rows (known once the teachers are)."""
         return {} if self.teachers is None else self.teachers.expert_scores
 
+    def merge_datamodule(self) -> MergeDataModule:
+        """The Trainer's datamodule, checked to be a ``MergeDataModule`` with this merge's tasks."""
+        return checked_datamodule(getattr(self.trainer, "datamodule", None), self.tasks)
+
     @override
     def prepare_data(self) -> None:
         follow_trainer(self._trainer)  # a Hub model's download bars too (None: called from Python)
@@ -148,29 +161,20 @@ class DivMergeModule(L.LightningModule):
         # tensor shapes (safetensors headers) fail in a second, not after the data is ready
         hp = self.hparams
         checked = check_with_adapters(hp.base, dict(hp.experts), hp.allow_pickle)
-        # class ids are read (not tokenised) here too: a label outside an expert's head is refused
-        # before the logger or SaveConfigCallback write their folders in setup
-        dm = getattr(self.trainer, "datamodule", None)
-        if checked.kind == "sequence_classification" and isinstance(dm, MergeDataModule):
-            for task, labels in dm.class_labels().items():
-                if task in checked.configs:
-                    check_labels(task, labels, int(checked.configs[task].num_labels))
+        check_data_labels(checked, getattr(self.trainer, "datamodule", None))  # class ids are read too
 
     @override
     def setup(self, stage: str) -> None:
         follow_trainer(self.trainer)  # weights are loaded and written with the Trainer's bars or none
         check_strategy(self.trainer.strategy)
-        dm = self._datamodule()  # task names checked before any model is loaded
-        self.load_experts()
-        if self.is_causal_lm != dm.is_causal_lm:
+        if stage == "fit" and self.static_method is not None:
             raise ValueError(
-                f"the experts are {self.frozen.kind} models, but data.tasks "
-                + (
-                    "have no prompt: give each task a prompt such as '{text}\\nAnswer:'"
-                    if self.is_causal_lm
-                    else "have prompts, which are for causal LM experts: remove them"
-                )
+                f"model.static_method {self.static_method.name!r} is training-free: it has no "
+                "coefficients to fit; run it with divmerge-pl merge (or validate / test)"
             )
+        dm = self.merge_datamodule()  # task names checked before any model is loaded
+        self.load_experts()
+        check_prompts(self.frozen.kind, dm.is_causal_lm)
 
     def load_experts(self) -> None:
         """Load and check base and experts, and create Gamma (idempotent)."""
@@ -179,11 +183,7 @@ class DivMergeModule(L.LightningModule):
         h = self.hparams
         dtype = getattr(torch, h.task_vector_dtype)
         loaded = load_experts(h.base, dict(h.experts), dtype, allow_pickle=h.allow_pickle)
-        if loaded.low_rank and h.task_vector_transform != "none":
-            raise ValueError(
-                f"model.task_vector_transform {h.task_vector_transform!r} is not supported with "
-                "LoRA experts yet (it would need their dense task vectors); use none"
-            )
+        check_dense_needs(loaded, h.task_vector_transform, training_free=self.static_merge is not None)
         merge_vectors = None
         if self.static_merge is None:
             merge_vectors = transformed_vectors(
@@ -196,76 +196,32 @@ class DivMergeModule(L.LightningModule):
             )
         self.frozen = FrozenExperts(loaded, dtype, merge_vectors)
         self.kind = task_kind(self)
+        self.val_scores = self.kind.new_scores(self.merge_datamodule())  # a val / test epoch's, synced
+        self.evaluation = Evaluation(self)
         if self.static_merge is not None:
             self.set_static_merge(self.static_merge)
         self.layout = build_layout(self.frozen.merged_names(), h.granularity, h.block_pattern)
         self.coefficients = nn.Parameter(
             initial_coefficients(len(self.tasks), self.layout.num_groups, h.init)
         )
-        self.val_scores = self.kind.new_scores(self._datamodule())
-        merged = sum(v[0].numel() for v in loaded.task_vectors.values())
-        total = sum(p.numel() for p in self.frozen.base_model.parameters())
         rank_zero_info(
-            f"DivMerge: {len(self.tasks)} experts ({loaded.kind}); merging "
-            f"{len(self.frozen.merged_names())} tensors ({merged / 1e6:.2f}M dense of {total / 1e6:.2f}M "
-            f"parameters; tensors equal in base and every expert stay the base's), "
-            f"{self.layout.num_groups} coefficient group(s) per task ({h.granularity})"
+            f"DivMerge: {self.frozen.summary()}, {self.layout.num_groups} coefficient group(s) "
+            f"per task ({h.granularity})"
         )
 
-    def use_static_merge(self, merge: StaticMerge, method: StaticMethod | None = None) -> None:
-        """Fix the merge to a training-free method's result. With the registry's ``method``, its
-        settings are first chosen from its grid on the labelled validation rows, when the tasks
-        have some (at the start of validation or test, once the teachers are ready)."""
-        self.static_method, self.selection = method, None
-        self.set_static_merge(merge)
-
     def set_static_merge(self, merge: StaticMerge) -> None:
-        """Apply ``merge`` (now if the experts are loaded, else when they are); scores of an
-        earlier merge are forgotten."""
-        if self.frozen is not None and self.frozen.low_rank.names:
-            raise ValueError(
-                "training-free merges are not supported with LoRA experts yet (they combine dense task "
-                "vectors); learn the coefficients with fit instead"
-            )
+        """Fix the merge to ``merge``'s result (the experts loaded): how ``choose_settings`` tries
+        each setting of the training-free method; scores of an earlier merge are forgotten."""
         self.static_merge = merge
-        self.last_merged_scores = None
-        if self.frozen is not None:
-            self.fixed_delta = FixedDelta(merge.merge(self.frozen.task_vectors()))
-
-    def _choose_static_settings(self) -> None:
-        if self.static_method is not None and self.selection is None:
-            has_validation = self._datamodule().tuning_rows is not None
-            self.selection = choose_settings(self, self.static_method, has_validation)
-
-    @property
-    def method(self) -> str:
-        """What produced the merge, as reports name it."""
-        return method_name(self)
-
-    def _report(self, merged: dict[str, float]) -> dict:
-        return merge_report(self, merged)
-
-    def _datamodule(self) -> MergeDataModule:
-        return checked_datamodule(getattr(self.trainer, "datamodule", None), self.tasks)
+        self.fixed_delta = FixedDelta(merge.merge(self.frozen.task_vectors()))
+        self.evaluation.last_merged_scores = None
 
     # ------------------------------------------------------------------ teachers
     @override
     def on_fit_start(self) -> None:
         self.prepare_teachers()
         if self.hparams.task_weighting == "relative" and bool(self.start_divergence.isnan().any()):
-            self.start_divergence.copy_(self._mean_divergences(self._datamodule()))
-
-    @torch.no_grad()
-    def _mean_divergences(self, dm: MergeDataModule) -> Tensor:
-        """Each task's mean objective over all its merge inputs at the current coefficients."""
-        sums = torch.zeros(len(self.tasks), device=self.device)
-        counts = torch.zeros(len(self.tasks), device=self.device)
-        for batch in dm.ordered_dataloader(dm.train_rows):
-            batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            for t, per_row in self.merged_divergences(batch):
-                sums[t] += per_row.sum().float()
-                counts[t] += per_row.numel()
-        return sums / counts.clamp_min(1)
+            self.start_divergence.copy_(mean_divergences(self, self.merge_datamodule()))
 
     def task_weights(self) -> Tensor | None:
         """The objective's per-task weights (None: the paper's plain sum)."""
@@ -276,22 +232,29 @@ class DivMergeModule(L.LightningModule):
     @override
     def on_validation_start(self) -> None:
         self.prepare_teachers()
-        self._choose_static_settings()
+        self.choose_static_settings()
 
     @override
     def on_test_start(self) -> None:
         self.prepare_teachers()
-        self._choose_static_settings()
+        self.choose_static_settings()
 
     def prepare_teachers(self) -> None:
         """Compute (or load from cache) every expert's outputs on its own task's rows, once."""
         if self.teachers is not None:
             return
-        dm = self._datamodule()
+        dm = self.merge_datamodule()
         order = [self.tasks.index(name) for name in dm.task_names]
         self.register_buffer("task_map", torch.tensor(order, device=self.device), persistent=False)
         self.on_demand_ok = self._on_demand_works(dm)
         self.teachers = self.kind.build_teachers(dm)
+
+    def choose_static_settings(self) -> None:
+        """A training-free method's settings, chosen once (on the labelled validation rows when
+        the tasks have some), once the teachers are ready."""
+        if self.static_method is not None and self.selection is None:
+            has_validation = self.merge_datamodule().tuning_rows is not None
+            self.selection = choose_settings(self, self.static_method, has_validation)
 
     # ------------------------------------------------------------------ the merge
     def merge_coefficients(self) -> Tensor:
@@ -349,13 +312,8 @@ class DivMergeModule(L.LightningModule):
         world = self.trainer.world_size
         if world > 1:  # each task's mean over the global batch, whatever share of it this rank holds
             counts = self.all_gather(counts).sum(dim=0)
-        present = counts > 0
-        weights = self.task_weights()
         # DDP averages gradients over ranks, hence x world: the sum of per-task means, as on one device
-        total = (
-            combine_tasks(sums[present] / counts[present], None if weights is None else weights[present])
-            * world
-        )
+        total = batch_objective(sums, counts, self.task_weights()) * world
         if not torch.isfinite(total):  # stop before Adam writes NaN into the coefficients
             bad = [self.tasks[t] for t in range(len(self.tasks)) if not torch.isfinite(sums[t])]
             raise FloatingPointError(
@@ -377,77 +335,27 @@ class DivMergeModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     @override
     def on_validation_epoch_start(self) -> None:
-        with torch.no_grad():
-            self._eval_tensors = self.merged_tensors()
+        self.evaluation.start_epoch()
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._score_batch(batch, self.val_scores)
-
-    def _score_batch(self, batch: dict[str, Tensor], scores: TaskScores) -> None:
-        with self.low_rank():
-            self.kind.score_batch(self._eval_tensors, batch, scores)
+        self.evaluation.score_batch(batch)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        merged = {self.tasks[i]: s for i, s in self.val_scores.compute().items()}
-        self.val_scores.reset()
-        self._eval_tensors = None
-        report = self._report(merged)
-        stage = "test" if self.trainer.testing else "val"
-        for task, row in report["tasks"].items():
-            self.log(f"{stage}/{task}/{row['metric']}", row["merged"])
-            self.log(f"{stage}/{task}/expert_{row['metric']}", row["expert"])
-            self.log(f"{stage}/{task}/normalized", row["normalized"])
-        if report["tasks"]:
-            self.log(f"{stage}/normalized", report["average"]["normalized"], prog_bar=True)
-        if not self.trainer.sanity_checking:
-            self.last_merged_scores = (self.trainer.global_step, merged)
+        self.evaluation.end_epoch()
 
+    # a test epoch scores as a validation epoch: the same (@override-marked) hooks
     test_step = validation_step
     on_test_epoch_start = on_validation_epoch_start
     on_test_epoch_end = on_validation_epoch_end
 
-    @torch.no_grad()
     def evaluate(self, split: Literal["eval", "tuning"] = "eval") -> dict:
         """The report at the current coefficients (this process only). ``eval``: the scored rows,
         reusing the last validation when it was run at this very step. ``tuning``: the labelled
         validation rows (``val_files``), merged against each expert on those same rows, where
         training-free methods choose their settings."""
-        dm = self._datamodule()
-        if split == "tuning":
-            if dm.tuning_rows is None:
-                raise ValueError(
-                    "no labelled validation rows: give every task val_files to choose settings on"
-                )
-            return build_report(
-                self.tuning_expert_scores(), self._merged_scores(dm.tuning_rows), dm.metrics, self.method
-            )
-        step = self.trainer.global_step
-        if self.last_merged_scores is not None and self.last_merged_scores[0] == step:
-            merged = self.last_merged_scores[1]
-        else:
-            merged = {} if dm.eval_rows is None else self._merged_scores(dm.eval_rows)
-        return self._report(merged)
-
-    def _merged_scores(self, rows: Dataset) -> dict[str, float]:
-        dm = self._datamodule()
-        scores = self.kind.new_scores(dm, sync_on_compute=False).to(self.device)
-        self._eval_tensors = self.merged_tensors()
-        for batch in dm.ordered_dataloader(rows, shortest_first=True):
-            batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            self._score_batch(batch, scores)
-        self._eval_tensors = None
-        return {self.tasks[i]: s for i, s in scores.compute().items()}
-
-    @torch.no_grad()
-    def tuning_expert_scores(self) -> dict[str, float]:
-        """Each expert's score on its own task's validation rows (computed once, cached on disk)."""
-        if self._tuning_expert_scores is not None:
-            return self._tuning_expert_scores
-        self.prepare_teachers()
-        self._tuning_expert_scores = self.kind.validation_scores(self._datamodule())
-        return self._tuning_expert_scores
+        return self.evaluation.report(split)
 
     # ------------------------------------------------------------------ outputs
     def coefficient_table(self) -> dict | None:
@@ -465,24 +373,14 @@ class DivMergeModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def _fingerprints(self) -> dict[str, str]:
         """Base, experts and the merge's inputs: what a checkpoint's coefficients belong to."""
-        rows = self._datamodule().train_rows
+        rows = self.merge_datamodule().train_rows
         return {**self.frozen.fingerprints, "data": token_fingerprint(rows["input_ids"])}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["divmerge"] = {
-            "fingerprints": self._fingerprints(),
-            "groups": list(self.layout.groups),
-            "settings": merge_settings(self.hparams),
-        }
+        checkpoint["divmerge"] = checkpoint_record(self._fingerprints(), self.layout.groups, self.hparams)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("divmerge")
-        if saved is None or self.frozen is None:
-            return
-        # the CLI checked this before any model loaded; here for Trainer.fit(ckpt_path=...) in code
-        differences = settings_differences(saved_settings(checkpoint), merge_settings(self.hparams))
-        if differences:
-            raise settings_error("given to fit", differences)
-        check_fingerprints(saved["fingerprints"], self._fingerprints(), self.frozen.paths)
+        if checkpoint.get("divmerge") is not None and self.frozen is not None:
+            check_checkpoint(checkpoint, self.hparams, self._fingerprints(), self.frozen.paths)

@@ -32,6 +32,9 @@ MERGE_SETTINGS = (
     "max_new_tokens",
     "top_k",
 )
+# a training-free method defines the merge as well; only when one is set (a learned run's settings,
+# and so every checkpoint made so far, stay as they were)
+_WHEN_SET = ("static_method",)
 # only the transform in use has parameters that matter
 _TRANSFORM_PARAMS = {"ties": ("density", "trim_scope"), "dare": ("drop_rate", "transform_seed")}
 _KEYWORDS = ("last", "best", "hpc", "registry")
@@ -52,6 +55,9 @@ def merge_settings(model_args: Mapping[str, Any]) -> dict[str, Any]:
         if key == "block_pattern" and model_args.get("granularity") != "block":
             continue
         if key in model_args:
+            settings[key] = json.loads(json.dumps(model_args[key]))
+    for key in _WHEN_SET:
+        if model_args.get(key) is not None:
             settings[key] = json.loads(json.dumps(model_args[key]))
     return settings
 
@@ -122,6 +128,29 @@ def check_resume(path: str | None, model_args: Mapping[str, Any]) -> None:
     differences = settings_differences(saved_settings(state), merge_settings(model_args))
     if differences:
         raise settings_error(path, differences)
+
+
+def checkpoint_record(
+    fingerprints: Mapping[str, str], groups: list[str], model_args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint holds beside the coefficients: what they belong to (fingerprints of
+    weights and inputs), their columns and the settings that define the merge."""
+    settings = merge_settings(model_args)
+    return {"fingerprints": dict(fingerprints), "groups": list(groups), "settings": settings}
+
+
+def check_checkpoint(
+    checkpoint: Mapping[str, Any],
+    model_args: Mapping[str, Any],
+    fingerprints: Mapping[str, str],
+    paths: Mapping[str, Any],
+) -> None:
+    """Refuse a checkpoint of another merge while it loads: for ``Trainer.fit(ckpt_path=...)``
+    in code (the CLI checked its settings before any model loaded)."""
+    differences = settings_differences(saved_settings(checkpoint), merge_settings(model_args))
+    if differences:
+        raise settings_error("given to fit", differences)
+    check_fingerprints(checkpoint["divmerge"]["fingerprints"], fingerprints, paths)
 
 
 def check_fingerprints(saved: Mapping[str, str], now: Mapping[str, str], paths: Mapping[str, Any]) -> None:

@@ -151,12 +151,11 @@ def dare(
 ) -> TaskVectors:
     """DARE: drop p=0.9 and rescale each task vector, then task arithmetic or TIES
     (Yu et al. 2024, "Language models are Super Mario")."""
+    _check_then(then)
     dropped = dare_task_vectors(vectors, drop_rate, seed)
     if then == "task_arithmetic":
         return task_arithmetic(dropped, scale)
-    if then == "ties":
-        return ties(dropped, density, scale, scope)
-    raise ValueError(f"dare: then={then!r}; choose task_arithmetic or ties")
+    return ties(dropped, density, scale, scope)
 
 
 def _check_density(density: float) -> None:
@@ -174,11 +173,30 @@ def _check_drop_rate(drop_rate: float) -> None:
         raise ValueError(f"drop_rate must be in [0, 1) (fraction of entries dropped), got {drop_rate}")
 
 
+def _check_then(then: str) -> None:
+    if then not in ("task_arithmetic", "ties"):
+        raise ValueError(f"dare: then={then!r}; choose task_arithmetic or ties")
+
+
+# a parameter means the same in every method that takes it, so it is checked the same way
+_PARAM_CHECKS = {
+    "density": _check_density,
+    "scope": _check_scope,
+    "drop_rate": _check_drop_rate,
+    "then": _check_then,
+}
+
+
 @dataclass(frozen=True)
 class StaticMerge:
     """A training-free method with its parameters; ``merge`` gives the delta per tensor."""
 
     name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # bad values fail when the method is built, before any model loads
+            if f.name in _PARAM_CHECKS:
+                _PARAM_CHECKS[f.name](getattr(self, f.name))
 
     def merge(self, vectors: TaskVectors) -> TaskVectors:
         raise NotImplementedError
@@ -211,10 +229,6 @@ class Ties(StaticMerge):
     scale: float = 1.0
     scope: TrimScope = "model"
 
-    def __post_init__(self) -> None:
-        _check_density(self.density)
-        _check_scope(self.scope)
-
     def merge(self, vectors: TaskVectors) -> TaskVectors:
         return ties(vectors, self.density, self.scale, self.scope)
 
@@ -228,13 +242,6 @@ class Dare(StaticMerge):
     density: float = 1.0
     seed: int = 0
     scope: TrimScope = "model"
-
-    def __post_init__(self) -> None:
-        _check_drop_rate(self.drop_rate)
-        _check_density(self.density)
-        _check_scope(self.scope)
-        if self.then not in ("task_arithmetic", "ties"):
-            raise ValueError(f"dare: then={self.then!r}; choose task_arithmetic or ties")
 
     def merge(self, vectors: TaskVectors) -> TaskVectors:
         return dare(vectors, self.drop_rate, self.then, self.scale, self.density, self.seed, self.scope)

@@ -76,6 +76,16 @@ class FrozenExperts(nn.Module):
             return list(self.names)
         return [name for name, _ in self.base_model.named_parameters() if name in merged]
 
+    def summary(self) -> str:
+        """What is merged, for the log."""
+        dense = sum(getattr(self, f"tau_{i}")[0].numel() for i in range(len(self.names)))
+        total = sum(p.numel() for p in self.base_model.parameters())
+        return (
+            f"{len(self.tasks)} experts ({self.kind}); merging {len(self.merged_names())} tensors "
+            f"({dense / 1e6:.2f}M dense of {total / 1e6:.2f}M parameters; tensors equal in base and "
+            "every expert stay the base's)"
+        )
+
     def task_vectors(self) -> dict[str, Tensor]:
         """The experts' own task vectors (teachers and expert scores always use these)."""
         return {name: getattr(self, f"tau_{i}") for i, name in enumerate(self.names)}
@@ -169,6 +179,20 @@ class FixedDelta(nn.Module):
     def merged(self, base: dict[str, Tensor]) -> dict[str, Tensor]:
         deltas = (getattr(self, f"delta_{i}") for i in range(len(self.names)))
         return {name: base[name] + d.to(base[name].dtype) for name, d in zip(self.names, deltas, strict=True)}
+
+
+def check_dense_needs(loaded: LoadedExperts, transform: str, training_free: bool) -> None:
+    """Refuse what needs dense task vectors when some experts are LoRA factors."""
+    if loaded.low_rank and transform != "none":
+        raise ValueError(
+            f"model.task_vector_transform {transform!r} is not supported with "
+            "LoRA experts yet (it would need their dense task vectors); use none"
+        )
+    if loaded.low_rank and training_free:
+        raise ValueError(
+            "training-free merges are not supported with LoRA experts yet (they combine dense "
+            "task vectors); learn the coefficients with fit instead"
+        )
 
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)

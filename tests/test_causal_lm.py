@@ -246,7 +246,7 @@ def test_expert_and_merged_scores_come_from_generated_text(tmp_path):
     assert module.expert_scores == {"alpha": 1.0}
     assert module.evaluate()["tasks"]["alpha"]["merged"] == 1.0
     module.coefficients.data.fill_(-3.0)  # far from the expert: its answers change
-    module.last_merged_scores = None
+    module.evaluation.last_merged_scores = None  # scored again, not the fit's last validation
     assert module.evaluate()["tasks"]["alpha"]["merged"] < 1.0
 
 

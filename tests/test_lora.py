@@ -38,8 +38,8 @@ from divmerge_pl.low_rank import (
     merged_weight,
     stack_factors,
 )
+from divmerge_pl.methods import get_method
 from divmerge_pl.preflight import ExpertMismatchError
-from divmerge_pl.static_merges import TaskArithmetic
 
 from .conftest import TinySetup, make_base, make_expert, tiny_config, write_rows
 from .lm_setup import TinyLM, lm_config, make_lm, write_prompt_rows
@@ -431,8 +431,8 @@ def test_lora_experts_refuse_training_free_merges_and_transforms(bert_setup):
     args = bert_setup.model_args(teacher_cache=None, task_vector_transform="ties")
     with pytest.raises(ValueError, match="task_vector_transform 'ties' is not supported with LoRA experts"):
         fit(args, bert_setup.task_specs(), bert_setup.base, max_steps=1)
-    module = DivMergeModule(**bert_setup.model_args(teacher_cache=None))
-    module.use_static_merge(TaskArithmetic())
+    static = get_method("task_arithmetic")
+    module = DivMergeModule(**bert_setup.model_args(teacher_cache=None), static_method=static)
     with pytest.raises(ValueError, match="training-free merges are not supported with LoRA experts"):
         module.load_experts()
 

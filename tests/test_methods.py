@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from divmerge_pl import DivMergeModule
 from divmerge_pl.cli import main
 from divmerge_pl.methods import METHODS, get_method, learned_name
+from divmerge_pl.run_cli import build_run
 
 from .conftest import build_setup, write_rows
 from .test_fit import run_dir, write_config
@@ -150,6 +152,30 @@ def test_scale_is_chosen_on_validation_rows_never_on_the_scored_ones(tmp_path):
             (on_val if swap else on_eval)[scale] = score
     assert trials == pytest.approx(on_val, abs=1e-9)
     assert on_eval != pytest.approx(on_val, abs=1e-9)
+
+
+def test_the_saved_config_of_a_merge_run_reproduces_its_training_free_method(tmp_path):
+    tiny = build_setup(tmp_path, {"alpha": 3, "beta": 2}, scale=1.0)
+    config = with_val_files(tiny, write_config(tiny, tmp_path / "run"))
+    grid = {"scale": [0.0, 0.5, 1.0]}
+    main(["merge", "--config", str(config), "--method", "task_arithmetic",
+          "--method_args", json.dumps({"grid": grid})])  # fmt: skip
+    run = run_dir(tmp_path / "run")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    method = get_method("task_arithmetic", {"grid": grid})
+    assert saved["model"]["init_args"]["static_method"] == asdict(method)
+    report = json.loads((run / "report.json").read_text())
+    assert report["settings"]["chosen_on"] == "labelled validation rows (val_files)"
+
+    # the method is an argument of the module: the config alone builds and scores it again
+    saved["trainer"]["default_root_dir"] = str(tmp_path / "again")
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(saved))
+    cli = build_run(["--config", str(tmp_path / "again.yaml")])
+    assert cli.model.static_method == method
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    assert json.loads(json.dumps(cli.model.evaluate())) == report
+    with pytest.raises(ValueError, match="'task_arithmetic' is training-free: it has no coefficients to fit"):
+        main(["fit", "--config", str(tmp_path / "again.yaml")])
 
 
 def test_without_validation_rows_the_published_settings_are_used_and_select_scale_is_gone(tmp_path):

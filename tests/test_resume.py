@@ -4,6 +4,7 @@ uninterrupted run ends; a non-finite objective stops the run with the step and t
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import lightning as L
 import pytest
@@ -11,6 +12,8 @@ import torch
 import yaml
 
 from divmerge_pl.cli import main
+from divmerge_pl.methods import get_method
+from divmerge_pl.resume import ResumeError, check_resume, merge_settings
 
 from .test_fit import run_dir, write_config
 
@@ -149,3 +152,16 @@ def test_ckpt_path_last_finds_the_run_under_any_logger(tiny, logger):
     main(["fit", "--config", str(write_config(tiny, root, epochs=2)), *options, "--ckpt_path", "last"])
     checkpoints = sorted(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
     assert torch.load(checkpoints[-1], weights_only=True)["epoch"] == 1  # resumed at epoch 1, not 0
+
+
+def test_a_training_free_method_is_a_merge_setting_only_when_set(tmp_path):
+    learned = {"experts": {"alpha": "a", "beta": "b"}, "objective": "js", "granularity": "layer", "lr": 0.01}
+    # a learned run's settings, and so those of every checkpoint made so far, are as they were
+    assert merge_settings({**learned, "static_method": None}) == merge_settings(learned)
+    path = tmp_path / "learned.ckpt"
+    state = {"coefficients": torch.zeros(2, 1)}
+    torch.save({"state_dict": state, "divmerge": {"settings": merge_settings(learned)}}, path)
+    check_resume(str(path), {**learned, "static_method": None})
+    static = {**learned, "static_method": asdict(get_method("ties"))}
+    with pytest.raises(ResumeError, match="static_method: None in the checkpoint, {'name': 'ties'"):
+        check_resume(str(path), static)
