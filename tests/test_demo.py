@@ -86,7 +86,7 @@ def demo_config(root: Path, run: Path) -> Path:
     return path
 
 
-def test_demo_builds_data_and_experts_once_then_merges(tmp_path: Path, monkeypatch):
+def test_demo_builds_data_and_experts_once_then_merges(tmp_path: Path, monkeypatch, capfd):
     from divmerge_pl.demo import packages
 
     # archives already in the cache must be used as they are, never downloaded again
@@ -94,6 +94,7 @@ def test_demo_builds_data_and_experts_once_then_merges(tmp_path: Path, monkeypat
     root = tmp_path / "cache"
     fake_archives(root / "archives")
     main(["fit", "--config", str(demo_config(root, tmp_path / "first"))])
+    assert "fine-tuning expert" not in capfd.readouterr().err  # enable_progress_bar: false
 
     labels = json.loads((root / "data" / "bbc_news" / "labels.json").read_text())
     assert labels == ["business", "sport"]

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data import MergeDataModule, TaskSpec
+from typing_extensions import override
+
+from ..data import MergeDataModule
+from ..quiet import follow_trainer
+from ..tasks import TaskSpec
 from .tasks import prepare_base, prepare_task
 from .training import finetune_expert
 
@@ -60,9 +64,12 @@ class DemoDataModule(MergeDataModule):
             "seed": self.seed,
         }
 
+    @override
     def prepare_data(self) -> None:
+        shown = follow_trainer(self.trainer)  # the experts' fine-tuning bars as the Trainer's
         base = prepare_base(self.root)
         for task in self.tasks:
             folder = prepare_task(self.root, task.name, **self.sizes, seed=self.seed)
-            finetune_expert(base, folder, self.root / "experts" / task.name, **self.finetune)
+            expert = self.root / "experts" / task.name
+            finetune_expert(base, folder, expert, **self.finetune, show_progress=shown)
         self.check_sources()  # the files just built: checked like any task's
