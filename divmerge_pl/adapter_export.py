@@ -100,7 +100,7 @@ def merged_adapters(module: DivMergeModule) -> dict[str, MergedAdapter]:
     base = str(module.hparams.base)
 
     def adapter(task: str, head: Mapping[str, Tensor]) -> MergedAdapter:
-        saved = sorted({name.rpartition(".")[0] for name in head})
+        saved = sorted({name.split(".", 1)[0] for name in head})  # the head's top-level modules
         config = merged_lora_config(ranks, PEFT_TASK_TYPES[frozen.kind], base, fan_in_fan_out, saved)
         tensors = {**state, **{f"{PEFT_PREFIX}{name}": t.detach().cpu() for name, t in head.items()}}
         return MergedAdapter(config, tensors, frozen.configs[task], KIND_CLASS[frozen.kind])

@@ -180,3 +180,14 @@ def test_no_adapter_with_a_full_expert_or_when_switched_off(bert_setup, tmp_path
         assert "merged_adapter" not in json.loads((out / "report.json").read_text())
     assert "no merged_adapter/" in caplog.text and "expert 'alpha' is a full model" in caplog.text
     assert caplog.text.count("no merged_adapter/") == 1  # save_adapter: false says nothing
+
+
+def test_save_adapter_is_a_typed_export_option_of_the_cli(capsys):
+    from divmerge_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--export.save_adapter {true,false}" in help_text
+    assert "also write ``merged_adapter/``" in help_text  # its docstring, as LightningCLI shows it
