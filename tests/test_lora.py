@@ -500,8 +500,11 @@ def test_training_free_merges_of_lora_experts_equal_those_of_their_full_models(t
     assert over_lora.frozen.low_rank.names and not over_full.frozen.low_rank.names
     linear = method in ("average", "task_arithmetic")
     # average / TA keep the factors, at the method's weights; TIES / DARE hold the targets dense
-    assert (over_lora.fixed_delta.low_rank_weights is not None) == linear
-    assert set(over_lora.frozen.low_rank.names) <= set(over_lora.fixed_delta.names) or linear
+    fixed, targets = over_lora.fixed_delta, set(over_lora.frozen.low_rank.names)
+    if linear:
+        assert fixed.low_rank_weights is not None  # (alpha, a full expert, is dense on the targets)
+    else:
+        assert fixed.low_rank_weights is None and targets <= set(fixed.names)
     lora_models, full_models = dict(over_lora.merged_models()), dict(over_full.merged_models())
     for task in ("alpha", "beta", "gamma"):
         want = dict(full_models[task].named_parameters())
@@ -762,3 +765,24 @@ def test_two_gloo_processes_with_lora_experts_learn_what_one_learns(bert_setup, 
     assert (
         report["tasks"] == json.loads(next((tmp_path / "single").rglob("report.json")).read_text())["tasks"]
     )
+
+
+def test_merge_command_over_lora_experts_writes_the_full_models_merge(twin_setups, tmp_path):
+    """``divmerge-pl merge --method ties`` (the paper's trim over the whole task vector): the
+    exported merged models are those of the same experts saved as full models."""
+    from divmerge_pl.cli import main
+
+    from .test_fit import run_dir, write_config
+
+    for setup, name in zip(twin_setups, ("lora", "full"), strict=True):
+        main(["merge", "--config", str(write_config(setup, tmp_path / name)), "--method", "ties"])
+    for task in ("alpha", "beta", "gamma"):
+        over_lora = load_file(run_dir(tmp_path / "lora") / "merged" / task / "model.safetensors")
+        over_full = load_file(run_dir(tmp_path / "full") / "merged" / task / "model.safetensors")
+        assert over_lora.keys() == over_full.keys()
+        for key, value in over_full.items():
+            torch.testing.assert_close(over_lora[key], value, atol=1e-6, rtol=0, msg=f"{task} {key}")
+    reports = [json.loads((run_dir(tmp_path / n) / "report.json").read_text()) for n in ("lora", "full")]
+    assert reports[0]["method"] == "ties" and reports[0]["params"] == reports[1]["params"]
+    for task, row in reports[1]["tasks"].items():
+        assert reports[0]["tasks"][task] == pytest.approx(row, abs=1e-6), task
