@@ -3,8 +3,9 @@ and the merge's forward through them.
 
 The merged forward of a target adds ``sum_t g_t s_t (x A_t^T) B_t^T`` to the base layer's
 output, so nothing on the merge's path builds ``B @ A``: r * (d_in + d_out) numbers per task
-instead of d_out * d_in. Only ``merged_weight`` (for export) and ``low_rank_delta`` (for tests
-and sign-based merges) form dense matrices. Pure functions over tensors, plus the module that
+instead of d_out * d_in. Only ``merged_weight`` (for export), ``low_rank_delta`` (for tests) and
+``DenseTaskVectors`` (for merges that need each entry, TIES and DARE: one target at a time) form
+dense matrices. Pure functions over tensors, plus the module that
 holds the stacks as buffers and the hooks that add the term; reading adapters is ``lora.py``'s.
 """
 
@@ -69,9 +70,55 @@ def stack_factors(per_task: Sequence[Mapping[str, LoraFactors]]) -> dict[str, Lo
 
 # ---------------------------------------------------------------- pure maths
 def low_rank_delta(down: Tensor, up: Tensor, scaling: float) -> Tensor:
-    """The dense task vector ``scaling * B @ A`` (d_out x d_in): for tests and sign-based merges
-    (TIES) only; the merge itself never forms it."""
+    """The dense task vector ``scaling * B @ A`` (d_out x d_in): for tests and entry-wise merges
+    (TIES, DARE) only; the merge itself never forms it."""
     return scaling * (up @ down)
+
+
+def task_deltas(stack: LowRankStack, num_tasks: int) -> Tensor:
+    """Every task's dense ``s_t B_t A_t`` for one target, [num_tasks, *weight shape] in the base
+    weight's layout, float32 (zeros for a task without factors)."""
+    d_out, d_in = stack.up.shape[0], stack.down.shape[1]
+    shape = (d_in, d_out) if stack.fan_in_fan_out else (d_out, d_in)
+    out = torch.zeros((num_tasks, *shape), dtype=torch.float32, device=stack.down.device)
+    for t in stack.task_of_rank.unique().tolist():
+        ranks = stack.task_of_rank == t
+        delta = low_rank_delta(
+            stack.down[ranks].float(), stack.up[:, ranks].float(), stack.scale_of_rank[ranks][0]
+        )
+        out[t] = delta.T if stack.fan_in_fan_out else delta
+    return out
+
+
+class DenseTaskVectors(Mapping[str, Tensor]):
+    """Every merged tensor's task vectors, stacked [num_tasks, *shape] as full experts' are: the
+    ``dense`` stacks as they are, and each LoRA target's made dense when it is read (its dense
+    stack, if a full expert has one, plus every adapter's ``s_t B_t A_t``), never stored. For
+    merges that need each entry (TIES, DARE), which then hold one dense target at a time."""
+
+    def __init__(
+        self,
+        dense: Mapping[str, Tensor],
+        stacks: Mapping[str, LowRankStack],
+        num_tasks: int,
+        order: Sequence[str],
+    ) -> None:
+        self.dense, self.stacks, self.num_tasks = dense, stacks, num_tasks
+        self.names = [name for name in order if name in dense or name in stacks]
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.stacks:
+            return self.dense[name]
+        stacked = task_deltas(self.stacks[name], self.num_tasks)
+        if name in self.dense:
+            stacked += self.dense[name]
+        return stacked.to(self.stacks[name].down.dtype)  # stored as the factors are (task_vector_dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def low_rank_term(x: Tensor, stack: LowRankStack, gamma: Tensor) -> Tensor:

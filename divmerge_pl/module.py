@@ -34,7 +34,7 @@ from .reports import coefficient_table
 from .resume import check_checkpoint, checkpoint_record
 from .selection import choose_settings
 from .static_merges import StaticMerge, transformed_vectors
-from .task_vectors import FixedDelta, FrozenExperts, check_dense_needs, check_strategy
+from .task_vectors import FixedDelta, FrozenExperts, check_strategy
 from .teachers import DEFAULT_CACHE, Teachers, token_fingerprint
 
 __all__ = ["DivMergeModule", "FrozenExperts", "check_strategy"]
@@ -183,18 +183,11 @@ class DivMergeModule(L.LightningModule):
         h = self.hparams
         dtype = getattr(torch, h.task_vector_dtype)
         loaded = load_experts(h.base, dict(h.experts), dtype, allow_pickle=h.allow_pickle)
-        check_dense_needs(loaded, h.task_vector_transform, training_free=self.static_merge is not None)
-        merge_vectors = None
+        transform = None
         if self.static_merge is None:
-            merge_vectors = transformed_vectors(
-                loaded.task_vectors,
-                h.task_vector_transform,
-                h.density,
-                h.trim_scope,
-                h.drop_rate,
-                h.transform_seed,
-            )
-        self.frozen = FrozenExperts(loaded, dtype, merge_vectors)
+            settings = (h.task_vector_transform, h.density, h.trim_scope, h.drop_rate, h.transform_seed)
+            transform = lambda vectors: transformed_vectors(vectors, *settings)  # noqa: E731
+        self.frozen = FrozenExperts(loaded, dtype, transform)
         self.kind = task_kind(self)
         self.val_scores = self.kind.new_scores(self.merge_datamodule())  # a val / test epoch's, synced
         self.evaluation = Evaluation(self)
@@ -213,7 +206,7 @@ class DivMergeModule(L.LightningModule):
         """Fix the merge to ``merge``'s result (the experts loaded): how ``choose_settings`` tries
         each setting of the training-free method; scores of an earlier merge are forgotten."""
         self.static_merge = merge
-        self.fixed_delta = FixedDelta(merge.merge(self.frozen.task_vectors()))
+        self.fixed_delta = self.frozen.fixed_merge(merge)
         self.evaluation.last_merged_scores = None
 
     # ------------------------------------------------------------------ teachers
@@ -267,18 +260,26 @@ class DivMergeModule(L.LightningModule):
         """Merged dense tensors at the current coefficients (differentiable in Gamma), or the
         fixed result of a training-free method."""
         if self.fixed_delta is not None:
-            return self.fixed_delta.merged(self.frozen.base_tensors())
+            return self.fixed_delta.merged(self.frozen.base_tensors(self.fixed_delta.names))
         return self.frozen.merged(self.merge_coefficients(), self.layout)
 
+    def low_rank_coefficients(self) -> Tensor | None:
+        """The LoRA factors' coefficients: Gamma, or a training-free method's fixed weights (None
+        when its result holds the LoRA targets dense)."""
+        if self.fixed_delta is not None:
+            return self.fixed_delta.low_rank_gamma(self.layout.num_groups)
+        return self.merge_coefficients()
+
     def low_rank(self):
-        """Forwards inside add the LoRA experts' merge at the current coefficients."""
-        return self.frozen.low_rank_at(self.merge_coefficients(), self.layout)
+        """Forwards inside add the LoRA experts' merge (at the current coefficients)."""
+        return self.frozen.low_rank_at(self.low_rank_coefficients(), self.layout)
 
     def merged_divergences(self, batch: dict[str, Tensor]) -> list[tuple[int, Tensor]]:
         """``(task, objective per row)`` of the merged model, merged on demand when it can be."""
         with self.low_rank():
             if self.on_demand_ok:
-                with self.frozen.on_demand(self.frozen.merge_at(self.merge_coefficients(), self.layout)):
+                make = self.frozen.merge_at(self.merge_coefficients(), self.layout)
+                with self.frozen.on_demand(make, self.frozen.merge_names):
                     return self.kind.row_divergences({}, batch)
             return self.kind.row_divergences(self.merged_tensors(), batch)
 
@@ -289,9 +290,8 @@ class DivMergeModule(L.LightningModule):
         batch = next(iter(dm.ordered_dataloader(dm.train_rows)))
         inputs = {k: batch[k][:4].to(self.device) for k in MODEL_INPUTS if k in batch}
         with self.low_rank():
-            return self.frozen.on_demand_works(
-                self.frozen.merge_at(self.merge_coefficients(), self.layout), inputs
-            )
+            make = self.frozen.merge_at(self.merge_coefficients(), self.layout)
+            return self.frozen.on_demand_works(make, inputs, self.frozen.merge_names)
 
     def task_rows(self, batch: dict[str, Tensor]):
         """``(task index, mask of its rows)`` for every task present in ``batch``."""
@@ -367,7 +367,7 @@ class DivMergeModule(L.LightningModule):
         """Yield (folder inside ``merged/``, plain ``transformers`` model): per task, the merged
         backbone + that task's head; for causal LMs the one merged model, in ``merged/`` itself."""
         merged = self.merged_tensors()
-        merged.update(self.frozen.low_rank_dense(merged, self.merge_coefficients(), self.layout))
+        merged.update(self.frozen.low_rank_dense(merged, self.low_rank_coefficients(), self.layout))
         yield from self.kind.merged_models(merged)
 
     # ------------------------------------------------------------------ checkpoints

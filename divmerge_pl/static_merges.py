@@ -9,18 +9,23 @@ TIES trims as its paper and official code do by default (``scope="model"``): eac
 the ``density`` fraction of largest-magnitude entries of its *whole* task vector (one threshold
 per task, from the ``k``-th value of all its merged tensors together; entries equal to it are
 kept, as there). ``scope="tensor"`` trims each tensor on its own (mergekit's convention).
+
+``vectors`` may be any mapping, read one tensor at a time and more than once: a lazy one (LoRA
+experts' task vectors made dense on access, ``low_rank.DenseTaskVectors``; DARE's dropped ones)
+then holds one dense tensor at a time, and a merge's output one dense tensor per name.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-TaskVectors = dict[str, Tensor]
+TaskVectors = Mapping[str, Tensor]  # name -> [num_tasks, *shape]
 TrimScope = Literal["model", "tensor"]
 
 
@@ -45,15 +50,47 @@ def model_trim_thresholds(vectors: TaskVectors, density: float) -> Tensor:
     """Per task, the magnitude an entry needs to survive trimming over the whole task vector:
     the ``int(d * density)``-th largest of its ``d`` entries (TIES paper, ``topk_values_mask``;
     its cut, ``kthvalue(d - int(d * density))``, keeps one entry more, immaterial at model
-    size). One task's entries are concatenated at a time: one extra task vector, not all."""
+    size), as float32. Found exactly without holding a task's entries together: a non-negative
+    float32's bit pattern orders as an integer, so two passes over the tensors, each reading
+    one at a time, count the magnitudes' high 15 bits, then the low 16 bits inside the bucket
+    that holds the wanted entry (a radix select)."""
     _check_density(density)
-    num_tasks = next(iter(vectors.values())).shape[0]
-    thresholds = torch.empty(num_tasks, dtype=torch.float64)
-    for t in range(num_tasks):
-        flat = torch.cat([v[t].reshape(-1).abs().float() for v in vectors.values()])
-        keep = max(1, int(flat.numel() * density))
-        thresholds[t] = float(flat.kthvalue(flat.numel() - keep + 1).values)
-    return thresholds
+    high = _bit_counts(vectors, lambda bits: bits >> 16, _HIGH_BINS)
+    keep = max(1, int(int(high[0].sum()) * density))
+    bucket, rank = _kth_largest_bin(high, torch.full((high.shape[0],), keep))
+
+    def low_bits_in_bucket(bits: Tensor) -> Tensor:  # entries outside the bucket: an extra bin
+        inside = (bits >> 16) == bucket.to(bits.device)[:, None]
+        return torch.where(inside, bits & 0xFFFF, _LOW_BINS)
+
+    low = _bit_counts(vectors, low_bits_in_bucket, _LOW_BINS + 1)[:, :_LOW_BINS]
+    low_bits, _ = _kth_largest_bin(low, rank)
+    bits = (bucket << 16) | low_bits
+    return bits.to(torch.int32).view(torch.float32).to(torch.float64)
+
+
+_HIGH_BINS, _LOW_BINS = 1 << 15, 1 << 16  # a float32 magnitude: sign bit 0, 15 high bits, 16 low
+
+
+def _bit_counts(vectors: TaskVectors, bins_of: Callable[[Tensor], Tensor], num_bins: int) -> Tensor:
+    """Per task, how many entries' magnitude bits ``bins_of`` puts in each of ``num_bins`` bins,
+    summed over every tensor (read one at a time): [num_tasks, num_bins]."""
+    counts = None
+    for stacked in vectors.values():
+        bits = stacked.reshape(stacked.shape[0], -1).abs().float().view(torch.int32) & 0x7FFFFFFF
+        bins = bins_of(bits).long() + num_bins * torch.arange(bits.shape[0], device=bits.device)[:, None]
+        found = torch.bincount(bins.reshape(-1), minlength=num_bins * bits.shape[0]).cpu()
+        counts = found if counts is None else counts + found
+    return counts.view(-1, num_bins)
+
+
+def _kth_largest_bin(counts: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``counts`` [rows, bins], the bin holding its ``k``-th largest entry, and that
+    entry's rank from the top inside the bin."""
+    at_or_above = counts.flip(1).cumsum(1).flip(1)  # entries in this bin or a higher one
+    found = (at_or_above >= k[:, None]).sum(1) - 1
+    above = at_or_above.gather(1, found[:, None])[:, 0] - counts.gather(1, found[:, None])[:, 0]
+    return found, k - above
 
 
 def trim_at(stacked: Tensor, thresholds: Tensor) -> Tensor:
@@ -62,13 +99,20 @@ def trim_at(stacked: Tensor, thresholds: Tensor) -> Tensor:
     return stacked * (stacked.abs() >= thresholds.to(stacked.device, stacked.dtype).view(shape))
 
 
-def trimmed(vectors: TaskVectors, density: float, scope: TrimScope) -> TaskVectors:
-    """TIES step 1 over every tensor, with one threshold per task (``model``) or per tensor."""
+def trimmer(vectors: TaskVectors, density: float, scope: TrimScope) -> Callable[[Tensor], Tensor]:
+    """TIES step 1 for one stacked tensor, with one threshold per task (``model``: found once,
+    over every tensor of ``vectors``) or per tensor."""
     _check_scope(scope)
     if scope == "tensor":
-        return _per_tensor(vectors, lambda _n, s: trim_top_k(s, density))
+        return lambda stacked: trim_top_k(stacked, density)
     thresholds = model_trim_thresholds(vectors, density)
-    return _per_tensor(vectors, lambda _n, s: trim_at(s, thresholds))
+    return lambda stacked: trim_at(stacked, thresholds)
+
+
+def trimmed(vectors: TaskVectors, density: float, scope: TrimScope) -> dict[str, Tensor]:
+    """TIES step 1 over every tensor, with one threshold per task (``model``) or per tensor."""
+    trim = trimmer(vectors, density, scope)
+    return _per_tensor(vectors, lambda _n, s: trim(s))
 
 
 def elect_sign(stacked: Tensor) -> Tensor:
@@ -98,7 +142,7 @@ def dare_drop(stacked: Tensor, drop_rate: float, generator: torch.Generator) -> 
     return stacked * keep.to(stacked.device) / (1.0 - drop_rate)
 
 
-def _per_tensor(vectors: TaskVectors, fn) -> TaskVectors:
+def _per_tensor(vectors: TaskVectors, fn: Callable[[str, Tensor], Tensor]) -> dict[str, Tensor]:
     out = {}
     for name, stacked in vectors.items():
         result = fn(name, stacked.to(_compute_dtype(stacked)))
@@ -106,38 +150,73 @@ def _per_tensor(vectors: TaskVectors, fn) -> TaskVectors:
     return out
 
 
+class MappedVectors(Mapping[str, Tensor]):
+    """``fn(name, vectors[name])`` computed on each access, never stored: a step that feeds
+    another (DARE's drop before TIES or task arithmetic) holds one tensor at a time."""
+
+    def __init__(self, vectors: TaskVectors, fn: Callable[[str, Tensor], Tensor]) -> None:
+        self.vectors, self.fn = vectors, fn
+
+    def __getitem__(self, name: str) -> Tensor:
+        stacked = self.vectors[name]
+        return self.fn(name, stacked.to(_compute_dtype(stacked))).to(stacked.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.vectors)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     # seeded per tensor by its name: the result does not depend on dict order
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def ties_task_vectors(vectors: TaskVectors, density: float = 0.2, scope: TrimScope = "model") -> TaskVectors:
+def ties_task_vectors(
+    vectors: TaskVectors, density: float = 0.2, scope: TrimScope = "model"
+) -> dict[str, Tensor]:
     """Per-task TIES vectors: trimmed, then entries against the elected sign zeroed (stacked)."""
-    return _per_tensor(trimmed(vectors, density, scope), lambda _n, s: agree_with_sign(s, elect_sign(s)))
+    trim = trimmer(vectors, density, scope)
+
+    def processed(stacked: Tensor) -> Tensor:
+        kept = trim(stacked)
+        return agree_with_sign(kept, elect_sign(kept))
+
+    return _per_tensor(vectors, lambda _n, s: processed(s))
 
 
-def dare_task_vectors(vectors: TaskVectors, drop_rate: float = 0.9, seed: int = 0) -> TaskVectors:
+def dropped(vectors: TaskVectors, drop_rate: float, seed: int) -> MappedVectors:
+    """DARE's random drop and rescale, seeded per tensor, computed when each tensor is read."""
+    return MappedVectors(vectors, lambda name, s: dare_drop(s, drop_rate, _generator(seed, name)))
+
+
+def dare_task_vectors(vectors: TaskVectors, drop_rate: float = 0.9, seed: int = 0) -> dict[str, Tensor]:
     """Per-task DARE vectors: random drop and rescale, seeded per tensor (stacked)."""
-    return _per_tensor(vectors, lambda name, s: dare_drop(s, drop_rate, _generator(seed, name)))
+    return dict(dropped(vectors, drop_rate, seed).items())
 
 
-def average(vectors: TaskVectors) -> TaskVectors:
+def average(vectors: TaskVectors) -> dict[str, Tensor]:
     """Uniform weight averaging of the experts (Wortsman et al. 2022, model soups)."""
     return _per_tensor(vectors, lambda _n, s: s.mean(dim=0))
 
 
-def task_arithmetic(vectors: TaskVectors, scale: float = 0.3) -> TaskVectors:
+def task_arithmetic(vectors: TaskVectors, scale: float = 0.3) -> dict[str, Tensor]:
     """``scale * sum_t tau_t`` (Ilharco et al. 2023, "Editing models with task arithmetic")."""
     return _per_tensor(vectors, lambda _n, s: scale * s.sum(dim=0))
 
 
 def ties(
     vectors: TaskVectors, density: float = 0.2, scale: float = 1.0, scope: TrimScope = "model"
-) -> TaskVectors:
+) -> dict[str, Tensor]:
     """Trim, elect sign, disjoint mean, scale (Yadav et al. 2023, TIES-Merging; k=20%, lambda=1)."""
-    return _per_tensor(
-        trimmed(vectors, density, scope), lambda _n, s: scale * disjoint_mean(s, elect_sign(s))
-    )
+    trim = trimmer(vectors, density, scope)
+
+    def merged(stacked: Tensor) -> Tensor:
+        kept = trim(stacked)
+        return scale * disjoint_mean(kept, elect_sign(kept))
+
+    return _per_tensor(vectors, lambda _n, s: merged(s))
 
 
 def dare(
@@ -148,14 +227,14 @@ def dare(
     density: float = 1.0,
     seed: int = 0,
     scope: TrimScope = "model",
-) -> TaskVectors:
+) -> dict[str, Tensor]:
     """DARE: drop p=0.9 and rescale each task vector, then task arithmetic or TIES
     (Yu et al. 2024, "Language models are Super Mario")."""
     _check_then(then)
-    dropped = dare_task_vectors(vectors, drop_rate, seed)
+    kept = dropped(vectors, drop_rate, seed)
     if then == "task_arithmetic":
-        return task_arithmetic(dropped, scale)
-    return ties(dropped, density, scale, scope)
+        return task_arithmetic(kept, scale)
+    return ties(kept, density, scale, scope)
 
 
 def _check_density(density: float) -> None:
@@ -198,8 +277,13 @@ class StaticMerge:
             if f.name in _PARAM_CHECKS:
                 _PARAM_CHECKS[f.name](getattr(self, f.name))
 
-    def merge(self, vectors: TaskVectors) -> TaskVectors:
+    def merge(self, vectors: TaskVectors) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def task_weights(self, num_tasks: int) -> Tensor | None:
+        """The ``c`` of a merge that is ``sum_t c_t tau_t`` (then exact on any linear form of the
+        task vectors, LoRA factors included); None for one that needs each entry (TIES, DARE)."""
+        return None
 
     def params(self) -> dict:
         return asdict(self)
@@ -209,8 +293,11 @@ class StaticMerge:
 class Average(StaticMerge):
     name: ClassVar[str] = "average"
 
-    def merge(self, vectors: TaskVectors) -> TaskVectors:
+    def merge(self, vectors: TaskVectors) -> dict[str, Tensor]:
         return average(vectors)
+
+    def task_weights(self, num_tasks: int) -> Tensor:
+        return torch.full((num_tasks,), 1.0 / num_tasks)
 
 
 @dataclass(frozen=True)
@@ -218,8 +305,11 @@ class TaskArithmetic(StaticMerge):
     name: ClassVar[str] = "task_arithmetic"
     scale: float = 0.3
 
-    def merge(self, vectors: TaskVectors) -> TaskVectors:
+    def merge(self, vectors: TaskVectors) -> dict[str, Tensor]:
         return task_arithmetic(vectors, self.scale)
+
+    def task_weights(self, num_tasks: int) -> Tensor:
+        return torch.full((num_tasks,), float(self.scale))
 
 
 @dataclass(frozen=True)
@@ -229,7 +319,7 @@ class Ties(StaticMerge):
     scale: float = 1.0
     scope: TrimScope = "model"
 
-    def merge(self, vectors: TaskVectors) -> TaskVectors:
+    def merge(self, vectors: TaskVectors) -> dict[str, Tensor]:
         return ties(vectors, self.density, self.scale, self.scope)
 
 
@@ -243,7 +333,7 @@ class Dare(StaticMerge):
     seed: int = 0
     scope: TrimScope = "model"
 
-    def merge(self, vectors: TaskVectors) -> TaskVectors:
+    def merge(self, vectors: TaskVectors) -> dict[str, Tensor]:
         return dare(vectors, self.drop_rate, self.then, self.scale, self.density, self.seed, self.scope)
 
 
@@ -264,7 +354,7 @@ def build_static_merge(name: str, **params) -> StaticMerge:
 
 def transformed_vectors(
     vectors: TaskVectors, transform: str, density: float, scope: TrimScope, drop_rate: float, seed: int
-) -> TaskVectors | None:
+) -> dict[str, Tensor] | None:
     """The vectors a learned merge combines under ``task_vector_transform`` (None: the raw ones)."""
     if transform == "ties":
         return ties_task_vectors(vectors, density, scope)

@@ -4,25 +4,34 @@ Held as buffers of one module so they move with the LightningModule, and never w
 checkpoint (a requeued job writes kilobytes, not the model). Everything here is fixed when it
 is built: which vectors the learned merge combines (the experts' own, or their TIES/DARE
 versions) is a construction argument, and a training-free method's result is a separate
-``FixedDelta``. The merged weights themselves come from ``merged.py`` / ``on_demand.py`` / ``lora.py``,
-called through the methods below so the module never reaches into the buffers.
+``FixedDelta``. LoRA experts stay factors, except where a merge needs each entry of their
+task vectors (TIES, DARE): those read them dense, one target at a time, and hold the result
+dense. The merged weights themselves come from ``merged.py`` / ``on_demand.py`` /
+``low_rank.py``, called through the methods below so the module never reaches into the buffers.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .coefficients import CoefficientLayout
 from .experts import LoadedExperts
-from .low_rank import LowRankExperts, low_rank_added, merged_weight
+from .low_rank import DenseTaskVectors, LowRankExperts, low_rank_added, merged_weight
 from .merged import expert_tensor, expert_tensors, forward_logits, merge_tensor, merge_tensors
 from .on_demand import MakeTensor, merged_on_demand
+from .static_merges import StaticMerge, TaskVectors
+
+DENSE_NOTE = (
+    "the LoRA experts' task vectors are made dense, one target at a time ({what} needs each "
+    "entry); the result holds {held} per LoRA target, as for full experts"
+)
 
 
 class FrozenExperts(nn.Module):
@@ -32,10 +41,11 @@ class FrozenExperts(nn.Module):
         self,
         loaded: LoadedExperts,
         vector_dtype: torch.dtype = torch.float32,
-        merge_vectors: dict[str, Tensor] | None = None,
+        transform: Callable[[TaskVectors], dict[str, Tensor] | None] | None = None,
     ) -> None:
-        """``merge_vectors``: what the learned merge combines instead of the experts' own task
-        vectors (TIES/DARE-processed, AdaMerging++ style); teachers always use the experts' own."""
+        """``transform``: the vectors the learned merge combines instead of the experts' own task
+        vectors (TIES/DARE-processed, AdaMerging++ style; None: the own), from every merged
+        tensor's dense task vectors; teachers always use the experts' own."""
         super().__init__()
         self.kind = loaded.kind
         self.tasks = loaded.tasks
@@ -46,10 +56,16 @@ class FrozenExperts(nn.Module):
         self.names = list(loaded.task_vectors)
         for i, stacked in enumerate(loaded.task_vectors.values()):
             self.register_buffer(f"tau_{i}", stacked.to(vector_dtype), persistent=False)
-        self.has_merge_vectors = merge_vectors is not None
-        for i, name in enumerate(self.names if merge_vectors is not None else []):
-            self.register_buffer(f"merge_tau_{i}", merge_vectors[name], persistent=False)
         self.low_rank = LowRankExperts(loaded.low_rank, vector_dtype)  # LoRA experts, as factors
+        self.told_dense: set[str] = set()  # methods whose log said they make LoRA targets dense
+        merge_vectors = None if transform is None else transform(self.dense_task_vectors())
+        self.has_merge_vectors = merge_vectors is not None
+        # the tensors the learned merge combines dense: LoRA targets too, when transformed
+        self.merge_names = self.names if merge_vectors is None else list(merge_vectors)
+        for i, name in enumerate(self.merge_names if merge_vectors is not None else []):
+            self.register_buffer(f"merge_tau_{i}", merge_vectors[name], persistent=False)
+        if merge_vectors is not None and self.low_rank.names:
+            rank_zero_info(f"task_vector_transform: {DENSE_NOTE.format(what='it', held='N dense tensors')}")
         self.head_names = [list(h) for h in loaded.heads.values()]
         for t, head in enumerate(loaded.heads.values()):
             for j, tensor in enumerate(head.values()):
@@ -65,9 +81,10 @@ class FrozenExperts(nn.Module):
         """Causal LM experts: answers are generated and the whole model, LM head too, is merged."""
         return self.kind == "causal_lm"
 
-    def base_tensors(self) -> dict[str, Tensor]:
+    def base_tensors(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """The base's tensors of ``names`` (default: those with dense task vectors)."""
         params = dict(self.base_model.named_parameters())
-        return {name: params[name] for name in self.names}
+        return {name: params[name] for name in (self.names if names is None else names)}
 
     def merged_names(self) -> list[str]:
         """Every merged tensor, dense or low-rank (LoRA targets), in model order."""
@@ -94,7 +111,13 @@ class FrozenExperts(nn.Module):
         """The vectors the learned merge combines."""
         if not self.has_merge_vectors:
             return self.task_vectors()
-        return {name: getattr(self, f"merge_tau_{i}") for i, name in enumerate(self.names)}
+        return {name: getattr(self, f"merge_tau_{i}") for i, name in enumerate(self.merge_names)}
+
+    def dense_task_vectors(self) -> DenseTaskVectors:
+        """Every merged tensor's task vectors, LoRA targets' made dense when each is read."""
+        return DenseTaskVectors(
+            self.task_vectors(), self.low_rank.stacks(), len(self.tasks), self.merged_names()
+        )
 
     def head(self, task_index: int) -> dict[str, Tensor]:
         return {
@@ -108,11 +131,11 @@ class FrozenExperts(nn.Module):
     # ---------------------------------------------------------------- merged weights
     def merged(self, gamma: Tensor, layout: CoefficientLayout) -> dict[str, Tensor]:
         """Every dense merged tensor at ``gamma`` [tasks x groups], differentiable in it."""
-        return merge_tensors(self.base_tensors(), self.merge_vectors(), gamma, layout)
+        return merge_tensors(self.base_tensors(self.merge_names), self.merge_vectors(), gamma, layout)
 
     def merge_at(self, gamma: Tensor, layout: CoefficientLayout) -> MakeTensor:
-        """One dense merged tensor at a time, for the merge on demand."""
-        base, vectors, group = self.base_tensors(), self.merge_vectors(), layout.group_of
+        """One dense merged tensor at a time, for the merge on demand (of ``merge_names``)."""
+        base, vectors, group = self.base_tensors(self.merge_names), self.merge_vectors(), layout.group_of
         return lambda name: merge_tensor(base[name], vectors[name], gamma[:, group[name]])
 
     def expert_at(self, task_index: int) -> MakeTensor:
@@ -123,15 +146,16 @@ class FrozenExperts(nn.Module):
     def expert(self, task_index: int) -> dict[str, Tensor]:
         return expert_tensors(self.base_tensors(), self.task_vectors(), task_index)
 
-    def on_demand(self, make: MakeTensor) -> AbstractContextManager[None]:
-        """Forwards inside run each module with ``make``'s tensors, built just before it."""
-        return merged_on_demand(self.base_model, make, self.names)
+    def on_demand(self, make: MakeTensor, names: Iterable[str] | None = None) -> AbstractContextManager[None]:
+        """Forwards inside run each module with ``make``'s tensors of ``names`` (default: those
+        with dense task vectors; ``merge_names`` for ``merge_at``), built just before it."""
+        return merged_on_demand(self.base_model, make, self.names if names is None else names)
 
     @torch.no_grad()
-    def on_demand_works(self, make: MakeTensor, inputs: dict[str, Tensor]) -> bool:
+    def on_demand_works(self, make: MakeTensor, inputs: dict[str, Tensor], names: Iterable[str]) -> bool:
         """Whether merging module by module suits this model: a few rows' logits come out
         finite (a weight read outside its own module reads NaN)."""
-        with self.on_demand(make):
+        with self.on_demand(make, names):
             logits = forward_logits(self.base_model, self.head(0), inputs)
         if bool(torch.isfinite(logits).all()):
             return True
@@ -143,8 +167,11 @@ class FrozenExperts(nn.Module):
         )
         return False
 
-    def low_rank_at(self, gamma: Tensor, layout: CoefficientLayout) -> AbstractContextManager[None]:
-        """Forwards inside add the LoRA experts' merge at ``gamma`` (nothing without LoRA experts)."""
+    def low_rank_at(self, gamma: Tensor | None, layout: CoefficientLayout) -> AbstractContextManager[None]:
+        """Forwards inside add the LoRA experts' merge at ``gamma`` (nothing without LoRA experts,
+        at None, or when the learned merge holds them dense, transformed)."""
+        if gamma is None or self.has_merge_vectors:
+            return nullcontext()
         group = layout.group_of
         return low_rank_added(self.base_model, self.low_rank.stacks(), lambda name: gamma[:, group[name]])
 
@@ -155,10 +182,13 @@ class FrozenExperts(nn.Module):
         return low_rank_added(self.base_model, self.low_rank.stacks(), lambda _name: own)
 
     def low_rank_dense(
-        self, dense: dict[str, Tensor], gamma: Tensor, layout: CoefficientLayout
+        self, dense: dict[str, Tensor], gamma: Tensor | None, layout: CoefficientLayout
     ) -> dict[str, Tensor]:
         """LoRA targets' dense merged weights, ``W + sum_t Gamma_t s_t B_t A_t`` over the ``dense``
-        merge ``W`` (or the base's): for export only, the merge itself never forms them."""
+        merge ``W`` (or the base's): for export only, the merge itself never forms them. None
+        (as in ``low_rank_at``): ``dense`` holds them already."""
+        if gamma is None or self.has_merge_vectors:
+            return {}
         params = dict(self.base_model.named_parameters())
         group = layout.group_of
         return {
@@ -166,33 +196,42 @@ class FrozenExperts(nn.Module):
             for name, stack in self.low_rank.stacks().items()
         }
 
+    def fixed_merge(self, merge: StaticMerge) -> FixedDelta:
+        """A training-free method's result. Over LoRA experts, a linear one (average, task
+        arithmetic) keeps their factors, merged at its weights; one that needs each entry (TIES,
+        DARE) reads them dense, one target at a time, and its result holds them dense."""
+        if not self.low_rank.names:
+            return FixedDelta(merge.merge(self.task_vectors()))
+        weights = merge.task_weights(len(self.tasks))
+        if weights is not None:
+            device = next(self.low_rank.buffers()).device
+            return FixedDelta(merge.merge(self.task_vectors()), weights.to(device))
+        if merge.name not in self.told_dense:  # once, not at every point of a validation grid
+            self.told_dense.add(merge.name)
+            rank_zero_info(f"{merge.name}: {DENSE_NOTE.format(what=merge.name, held='one dense tensor')}")
+        return FixedDelta(merge.merge(self.dense_task_vectors()))
+
 
 class FixedDelta(nn.Module):
-    """A training-free method's result, ``theta0 + delta``: buffers, so they move with the model."""
+    """A training-free method's result, ``theta0 + delta``, and the per-task weights its LoRA
+    factors are merged at (None when ``delta`` holds their targets): buffers, so they move
+    with the model."""
 
-    def __init__(self, delta: dict[str, Tensor]) -> None:
+    def __init__(self, delta: dict[str, Tensor], low_rank_weights: Tensor | None = None) -> None:
         super().__init__()
         self.names = list(delta)
         for i, tensor in enumerate(delta.values()):
             self.register_buffer(f"delta_{i}", tensor, persistent=False)
+        self.register_buffer("low_rank_weights", low_rank_weights, persistent=False)
 
     def merged(self, base: dict[str, Tensor]) -> dict[str, Tensor]:
         deltas = (getattr(self, f"delta_{i}") for i in range(len(self.names)))
         return {name: base[name] + d.to(base[name].dtype) for name, d in zip(self.names, deltas, strict=True)}
 
-
-def check_dense_needs(loaded: LoadedExperts, transform: str, training_free: bool) -> None:
-    """Refuse what needs dense task vectors when some experts are LoRA factors."""
-    if loaded.low_rank and transform != "none":
-        raise ValueError(
-            f"model.task_vector_transform {transform!r} is not supported with "
-            "LoRA experts yet (it would need their dense task vectors); use none"
-        )
-    if loaded.low_rank and training_free:
-        raise ValueError(
-            "training-free merges are not supported with LoRA experts yet (they combine dense "
-            "task vectors); learn the coefficients with fit instead"
-        )
+    def low_rank_gamma(self, num_groups: int) -> Tensor | None:
+        """The LoRA factors' coefficients [tasks x groups] (None: merged dense in ``delta``)."""
+        weights = self.low_rank_weights
+        return None if weights is None else weights[:, None].expand(-1, num_groups)
 
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import lightning as L
 import pytest
@@ -41,20 +42,23 @@ from divmerge_pl.low_rank import (
 from divmerge_pl.methods import get_method
 from divmerge_pl.preflight import ExpertMismatchError
 
-from .conftest import TinySetup, make_base, make_expert, tiny_config, write_rows
+from .conftest import TinySetup, make_base, make_expert, save_tokenizer, tiny_config, write_rows
 from .lm_setup import TinyLM, lm_config, make_lm, write_prompt_rows
 
 HEADS = {"classifier.weight", "classifier.bias"}
 
 
-def make_adapter(base: torch.nn.Module, folder, config, seed: int) -> None:
-    """Save a peft adapter of ``config`` over a copy of ``base``, every LoRA/IA3 tensor random."""
+def make_adapter(base: torch.nn.Module, folder, config, seed: int, step: float | None = None) -> None:
+    """Save a peft adapter of ``config`` over a copy of ``base``, every LoRA/IA3 tensor random
+    (rounded to multiples of ``step`` when given)."""
     torch.manual_seed(seed)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name or "ia3_" in name or "modules_to_save" in name:
                 param.normal_(0.0, 0.2)
+                if step is not None:
+                    param.copy_((param / step).round() * step)
     peft_model.save_pretrained(folder)
 
 
@@ -427,14 +431,138 @@ def test_fit_with_lora_experts_merges_their_factors(bert_setup):
     assert set(report["tasks"]) == set(tasks)
 
 
-def test_lora_experts_refuse_training_free_merges_and_transforms(bert_setup):
-    args = bert_setup.model_args(teacher_cache=None, task_vector_transform="ties")
-    with pytest.raises(ValueError, match="task_vector_transform 'ties' is not supported with LoRA experts"):
-        fit(args, bert_setup.task_specs(), bert_setup.base, max_steps=1)
-    static = get_method("task_arithmetic")
-    module = DivMergeModule(**bert_setup.model_args(teacher_cache=None), static_method=static)
-    with pytest.raises(ValueError, match="training-free merges are not supported with LoRA experts"):
-        module.load_experts()
+@pytest.fixture(scope="module")
+def twin_setups(tmp_path_factory) -> tuple[TinySetup, TinySetup]:
+    """The same three experts twice: alpha a full fine-tune; beta and gamma LoRA adapters, and
+    the same as full models (W0 + s B A, peft's merge_and_unload). Base weights and factors are
+    multiples of powers of two, so (W0 + s B A) - W0 is s B A exactly in float32: both give the
+    same task vectors bit for bit, and TIES's trim and sign are decided the same way in both."""
+    root = tmp_path_factory.mktemp("twins")
+    base = root / "base"
+    torch.manual_seed(0)
+    backbone = BertModel(tiny_config())
+    with torch.no_grad():
+        for param in backbone.parameters():
+            param.copy_((param * 4096).round() / 4096)
+    backbone.save_pretrained(base)
+    save_tokenizer(base)
+    labels = {"alpha": 2, "beta": 3, "gamma": 2}
+    lora = {t: root / "lora" / t for t in labels}
+    full = {"alpha": lora["alpha"], "beta": root / "full" / "beta", "gamma": root / "full" / "gamma"}
+    make_expert(base, lora["alpha"], 2, seed=100)
+    for task, targets, r, seed in (("beta", ["query", "value"], 4, 101), ("gamma", ["query"], 2, 102)):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(tiny_config(labels[task])).eval()
+        model.bert.load_state_dict(backbone.state_dict())
+        config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=8, target_modules=targets)
+        make_adapter(model, lora[task], config, seed, step=1 / 64)
+        PeftModel.from_pretrained(model, lora[task]).merge_and_unload().save_pretrained(full[task])
+        save_tokenizer(full[task])
+    train, evals = {}, {}
+    for i, (task, k) in enumerate(labels.items()):
+        (root / "data" / task).mkdir(parents=True)
+        train[task] = write_rows(root / "data" / task / "train.jsonl", 24, k, seed=10 + i)
+        evals[task] = write_rows(root / "data" / task / "eval.jsonl", 24, k, seed=20 + i)
+    return (
+        TinySetup(root, base, lora, train, evals, labels),
+        TinySetup(root, base, full, train, evals, labels),
+    )
+
+
+def static_merge(setup: TinySetup, method: str, params: dict) -> DivMergeModule:
+    """``divmerge-pl merge --method`` in Python: the method's merge, scored by ``validate``."""
+    module = DivMergeModule(**setup.model_args(teacher_cache=None), static_method=get_method(method, params))
+    data = MergeDataModule(
+        [TaskSpec(**s) for s in setup.task_specs()], tokenizer=str(setup.base), batch_size=8, max_length=16
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.validate(module, datamodule=data, verbose=False)
+    return module
+
+
+STATIC_CASES = {
+    "average": ("average", {}),
+    "task_arithmetic": ("task_arithmetic", {"scale": 0.7}),
+    "ties": ("ties", {"density": 0.3, "scale": 1.2}),  # trimmed over the whole task vector
+    "ties_per_tensor": ("ties", {"density": 0.3, "scale": 1.2, "scope": "tensor"}),
+    "dare": ("dare", {"drop_rate": 0.5, "scale": 0.5, "seed": 3}),
+    "dare_ties": ("dare", {"drop_rate": 0.5, "then": "ties", "density": 0.5, "scale": 0.8, "seed": 3}),
+}
+
+
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+def test_training_free_merges_of_lora_experts_equal_those_of_their_full_models(twin_setups, case):
+    method, params = STATIC_CASES[case]
+    over_lora, over_full = (static_merge(setup, method, params) for setup in twin_setups)
+    assert over_lora.frozen.low_rank.names and not over_full.frozen.low_rank.names
+    linear = method in ("average", "task_arithmetic")
+    # average / TA keep the factors, at the method's weights; TIES / DARE hold the targets dense
+    fixed, targets = over_lora.fixed_delta, set(over_lora.frozen.low_rank.names)
+    if linear:
+        assert fixed.low_rank_weights is not None  # (alpha, a full expert, is dense on the targets)
+    else:
+        assert fixed.low_rank_weights is None and targets <= set(fixed.names)
+    lora_models, full_models = dict(over_lora.merged_models()), dict(over_full.merged_models())
+    for task in ("alpha", "beta", "gamma"):
+        want = dict(full_models[task].named_parameters())
+        for name, param in lora_models[task].named_parameters():
+            torch.testing.assert_close(param, want[name], atol=1e-6, rtol=0, msg=f"{case}: {task} {name}")
+    lora_report, full_report = over_lora.evaluate(), over_full.evaluate()
+    assert lora_report["method"] == full_report["method"] == method
+    assert lora_report["params"] == full_report["params"]
+    for task, row in full_report["tasks"].items():
+        assert lora_report["tasks"][task] == pytest.approx(row, abs=1e-6), task
+
+
+def test_linear_merges_of_lora_experts_form_no_dense_target(twin_setups, caplog):
+    """All-LoRA experts: average and task arithmetic, merged and scored, build no d_out x d_in
+    tensor of a LoRA target; TIES, which needs each entry, does (one per target)."""
+    lora = twin_setups[0]
+    setup = TinySetup(lora.root, lora.base, {t: lora.experts[t] for t in ("beta", "gamma")},
+                      lora.train, lora.eval, lora.labels)  # fmt: skip
+    module = static_merge(setup, "average", {})
+    targets = {tuple(p.shape) for n, p in module.frozen.base_model.named_parameters()
+               if n in module.frozen.low_rank.names}  # fmt: skip
+    caplog.set_level(logging.INFO)
+    for method, params in (("average", {}), ("task_arithmetic", {"scale": 0.4}), ("ties", {})):
+        with ShapeRecorder() as made:
+            module.set_static_merge(get_method(method, params).build())
+            report = module.evaluate()
+        assert set(report["tasks"]) == {"beta", "gamma"}
+        if method == "ties":
+            assert targets & made.shapes  # the recorder sees the dense targets TIES needs
+            assert "task vectors are made dense, one target at a time (ties needs each entry)" in caplog.text
+        else:
+            assert not targets & made.shapes, (method, sorted(targets & made.shapes))
+            assert module.fixed_delta.names == []  # nothing dense: the adapters save only heads
+
+
+@pytest.mark.parametrize("transform", ["ties", "dare"])
+def test_learned_merge_over_transformed_lora_experts_equals_full_models(twin_setups, transform):
+    """``task_vector_transform`` (AdaMerging++) over LoRA experts: their targets' transformed
+    vectors are dense, as their full models', and the learned merge follows the same path."""
+    runs = []
+    for setup in twin_setups:
+        args = setup.model_args(teacher_cache=None, task_vector_transform=transform, density=0.3,
+                                drop_rate=0.5, granularity="task")  # fmt: skip
+        runs.append(fit(args, setup.task_specs(), setup.base, max_steps=2)[0])
+    over_lora, over_full = runs
+    lora_vectors, full_vectors = over_lora.frozen.merge_vectors(), over_full.frozen.merge_vectors()
+    assert set(over_lora.frozen.low_rank.names) <= set(lora_vectors)
+    assert lora_vectors.keys() == full_vectors.keys()
+    for name, stacked in full_vectors.items():
+        torch.testing.assert_close(lora_vectors[name], stacked, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        over_lora.merge_coefficients(), over_full.merge_coefficients(), atol=1e-6, rtol=0
+    )
+    lora_models, full_models = dict(over_lora.merged_models()), dict(over_full.merged_models())
+    for name, param in lora_models["beta"].named_parameters():
+        torch.testing.assert_close(
+            param, dict(full_models["beta"].named_parameters())[name], atol=1e-6, rtol=0
+        )
 
 
 def test_wrong_adapter_fails_before_the_data_is_read(bert_setup, tmp_path):
@@ -581,3 +709,80 @@ def test_experts_all_lora_take_their_kind_from_the_adapters(bert_setup):
     assert {t: c.num_labels for t, c in loaded.configs.items()} == {"beta": 3, "gamma": 2}
     assert [h["classifier.weight"].shape[0] for h in loaded.heads.values()] == [3, 2]
     assert len(loaded.low_rank) == 4 and set(loaded.fingerprints) == {"base", "beta", "gamma"}
+
+
+def test_resume_mid_epoch_with_lora_experts_ends_as_an_unbroken_run(bert_setup, tmp_path):
+    """Ctrl-C mid-epoch (9 batches an epoch), then ``--ckpt_path last``: the coefficients of a
+    run that was never stopped (the checkpoint holds Gamma, never the factors)."""
+    from divmerge_pl.cli import main
+
+    from .test_fit import write_config
+    from .test_resume import final_coefficients, with_callback
+
+    main(["fit", "--config", str(write_config(bert_setup, tmp_path / "whole", epochs=2))])
+    broken = tmp_path / "broken"
+    config = with_callback(write_config(bert_setup, broken, epochs=2), "tests.test_resume.InterruptAt", 5)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    (checkpoint,) = broken.rglob("last.ckpt")
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["global_step"] == 5 and not any("down_" in k or "tau_" in k for k in saved["state_dict"])
+    main(["fit", "--config", str(write_config(bert_setup, broken, epochs=2)), "--ckpt_path", "last"])
+    whole = final_coefficients(tmp_path / "whole")
+    assert not torch.allclose(whole, torch.full_like(whole, 1 / 3))  # it learned
+    torch.testing.assert_close(final_coefficients(broken), whole, atol=1e-6, rtol=0)
+
+
+def test_two_gloo_processes_with_lora_experts_learn_what_one_learns(bert_setup, tmp_path):
+    """2 x 4 rows against 1 x 8: each rank runs the LoRA experts' teachers on its share and the
+    low-rank merge on its rows; the coefficients are one process's, to float tolerance."""
+    import subprocess
+    import sys
+
+    from divmerge_pl.cli import main
+
+    from .test_fit import write_config
+    from .test_lightning import REPO
+    from .test_resume import final_coefficients
+
+    main(["fit", "--config", str(write_config(bert_setup, tmp_path / "single", epochs=1))])
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "divmerge_pl.cli", "fit",
+            "--config", str(write_config(bert_setup, tmp_path / "ddp", epochs=1)),
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--data.init_args.batch_size=4",
+            "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+            "--trainer.strategy.process_group_backend=gloo", "--trainer.strategy.broadcast_buffers=false",
+            f"--model.init_args.teacher_cache={tmp_path / 'ddp_teachers'}",  # computed anew, split
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = final_coefficients(tmp_path / "single"), final_coefficients(tmp_path / "ddp")
+    assert not torch.allclose(single, torch.full_like(single, 1 / 3))
+    torch.testing.assert_close(ddp, single, atol=1e-4, rtol=0)  # as for full experts (test_lightning)
+    (report,) = [json.loads(p.read_text()) for p in (tmp_path / "ddp").rglob("report.json")]
+    assert (
+        report["tasks"] == json.loads(next((tmp_path / "single").rglob("report.json")).read_text())["tasks"]
+    )
+
+
+def test_merge_command_over_lora_experts_writes_the_full_models_merge(twin_setups, tmp_path):
+    """``divmerge-pl merge --method ties`` (the paper's trim over the whole task vector): the
+    exported merged models are those of the same experts saved as full models."""
+    from divmerge_pl.cli import main
+
+    from .test_fit import run_dir, write_config
+
+    for setup, name in zip(twin_setups, ("lora", "full"), strict=True):
+        main(["merge", "--config", str(write_config(setup, tmp_path / name)), "--method", "ties"])
+    for task in ("alpha", "beta", "gamma"):
+        over_lora = load_file(run_dir(tmp_path / "lora") / "merged" / task / "model.safetensors")
+        over_full = load_file(run_dir(tmp_path / "full") / "merged" / task / "model.safetensors")
+        assert over_lora.keys() == over_full.keys()
+        for key, value in over_full.items():
+            torch.testing.assert_close(over_lora[key], value, atol=1e-6, rtol=0, msg=f"{task} {key}")
+    reports = [json.loads((run_dir(tmp_path / n) / "report.json").read_text()) for n in ("lora", "full")]
+    assert reports[0]["method"] == "ties" and reports[0]["params"] == reports[1]["params"]
+    for task, row in reports[1]["tasks"].items():
+        assert reports[0]["tasks"][task] == pytest.approx(row, abs=1e-6), task

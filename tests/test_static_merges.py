@@ -145,3 +145,40 @@ def test_model_threshold_keeps_the_density_share_of_each_task():
         for t in range(3):
             count = sum(int((kept[n][t] != 0).sum()) for n in vectors)
             assert count == max(1, int(total * density))
+
+
+def test_model_threshold_is_exactly_the_kth_largest_magnitude():
+    """The two-pass radix select gives the k-th value of all a task's magnitudes together, bit
+    for bit, with repeated values, zeros, -0.0, tiny and huge magnitudes, in any dtype."""
+    torch.manual_seed(0)
+    vectors = {
+        "a": torch.randn(3, 40, 7) * torch.logspace(-30, 30, 7),
+        "b": torch.randint(-3, 4, (3, 50)).float() / 4,  # many equal magnitudes, and zeros
+        "c": torch.tensor([[-0.0] * 5, [1e-40] * 5, [3.0] * 5]),  # -0.0 and a subnormal
+    }
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        typed = {n: v.to(dtype) for n, v in vectors.items()}
+        for density in (0.01, 0.2, 0.5, 0.9, 1.0):
+            total = sum(v[0].numel() for v in typed.values())
+            keep = max(1, int(total * density))
+            want = torch.tensor(
+                [
+                    float(torch.cat([v[t].reshape(-1).abs().float() for v in typed.values()]).kthvalue(
+                        total - keep + 1
+                    ).values)
+                    for t in range(3)
+                ],
+                dtype=torch.float64,
+            )  # fmt: skip
+            assert torch.equal(model_trim_thresholds(typed, density), want), (dtype, density)
+
+
+def test_dare_then_ties_reads_the_dropped_vectors_lazily_and_as_before():
+    torch.manual_seed(1)
+    vectors = {"a": torch.randn(3, 30, 4), "b": torch.randn(3, 17)}
+    stored = dare_task_vectors(vectors, 0.5, seed=3)  # dropped once, held
+    want = ties(stored, density=0.3, scale=1.2)
+    got = build_static_merge("dare", drop_rate=0.5, then="ties", density=0.3, scale=1.2, seed=3).merge(
+        vectors
+    )
+    assert all(torch.equal(got[n], want[n]) for n in vectors)
