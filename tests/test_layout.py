@@ -23,7 +23,7 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _imports(path: Path, package: str) -> set[str]:
+def _imports(path: Path, package: str, modules: set[str]) -> set[str]:
     """Modules of the package that ``path`` imports, resolved to dotted names."""
     found: set[str] = set()
 
@@ -41,8 +41,9 @@ def _imports(path: Path, package: str) -> set[str]:
                 else:
                     target = child.module or ""
                 if target.startswith("divmerge_pl"):
-                    found.add(target)
-                    found.update(f"{target}.{a.name}" for a in child.names)
+                    # `from . import x` imports the submodule x; `from .m import x` imports m
+                    submodules = {f"{target}.{a.name}" for a in child.names} & modules
+                    found.update(submodules or {target})
             elif isinstance(child, ast.Import):
                 found.update(a.name for a in child.names if a.name.startswith("divmerge_pl"))
             visit(child)
@@ -56,7 +57,7 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        graph[name] = {m for m in _imports(path, package) if m in files and m != name}
+        graph[name] = {m for m in _imports(path, package, set(files)) if m in files and m != name}
     return graph
 
 
