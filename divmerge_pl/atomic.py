@@ -23,6 +23,16 @@ def current_umask() -> int:
     return mask
 
 
+def follow_umask(tree: Path) -> None:
+    """Give ``tree`` and everything in it the modes a plain ``open``/``mkdir`` would: safetensors
+    0.8 writes its files 0600 through a temporary file (safetensors/safetensors#782), ``mkdtemp``
+    makes 0700, and a model nobody else can read is no use on a shared machine or in a container."""
+    mask = current_umask()
+    for path in [tree, *tree.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

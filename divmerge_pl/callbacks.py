@@ -18,6 +18,7 @@ from rich.table import Table
 from transformers import AutoTokenizer, PreTrainedModel
 from typing_extensions import override
 
+from .adapter_export import adapter_cards, adapter_folders, adapters_to_write
 from .coefficients import Granularity
 from .data import MergeDataModule
 from .export import (
@@ -137,7 +138,8 @@ def print_coefficients(coefficients: dict, console: Console | None = None) -> No
 
 
 class MergedModelExport(L.Callback):
-    """At the end of ``fit``: write ``merged/`` (each folder with its model card),
+    """At the end of ``fit``: write ``merged/`` (each folder with its model card), when the merge is
+    a linear combination of LoRA adapters ``merged_adapter/`` (the same merge as one adapter),
     ``coefficients.json`` and ``report.json`` into the run's folder (or ``dirpath``), print the
     report table, log its scores (``report/<task>/{expert,merged,normalized}``) to the loggers,
     and publish the merged folders to the Hub if asked."""
@@ -151,6 +153,7 @@ class MergedModelExport(L.Callback):
         max_shard_size: str | int | None = None,
         push_to_hub: str | None = None,
         hub_private: bool = True,
+        save_adapter: bool = True,
     ) -> None:
         """
         Args:
@@ -167,9 +170,12 @@ class MergedModelExport(L.Callback):
                 (``"you/merged-{task}"``) for one repository per task head; each merged folder is
                 uploaded with its model card (your Hugging Face token, e.g. ``HF_TOKEN``).
             hub_private: create missing repositories as private.
+            save_adapter: with ``save_weights``, also write ``merged_adapter/`` (per task for
+                classification): the merge as one LoRA adapter over the base, when every expert is
+                a LoRA adapter and nothing is merged densely (otherwise the log says why not).
         """
         self.options = ExportOptions(
-            dirpath, overwrite, save_weights, dtype, max_shard_size, push_to_hub, hub_private
+            dirpath, overwrite, save_weights, dtype, max_shard_size, push_to_hub, hub_private, save_adapter
         )
 
     def folder(self, trainer: L.Trainer) -> Path:
@@ -209,8 +215,9 @@ class MergedModelExport(L.Callback):
     def _write(
         self, folder: Path, module: DivMergeModule, recipe: str, loggers: list[Logger], step: int
     ) -> None:
-        report = module.evaluate()
         frozen = module.frozen
+        adapters = adapters_to_write(module, self.options.save_weights and self.options.save_adapter)
+        report = {**module.evaluate(), **({"merged_adapter": adapter_folders(adapters)} if adapters else {})}
         tokenizer = AutoTokenizer.from_pretrained(frozen.paths["base"])
         hub_ids = (hub_id(str(frozen.paths[role])) for role in ["base", *module.tasks])
         facts = MergeFacts(
@@ -224,6 +231,7 @@ class MergedModelExport(L.Callback):
             dtype=export_dtype(self.options.dtype, frozen.configs, frozen.paths),
             is_causal_lm=module.is_causal_lm,
             hub_ids=tuple(i for i in hub_ids if i is not None),  # resolved into the Hub cache
+            adapters=adapter_folders(adapters),
         )
         repo_ids = self.repo_ids(module)
 
@@ -241,6 +249,8 @@ class MergedModelExport(L.Callback):
             dtype=facts.dtype,
             max_shard_size=self.options.max_shard_size,
             card=card,
+            adapters=adapters,
+            adapter_card=adapter_cards(facts, adapters, module.coefficient_table()),
         )
         print_report(report, title=f"{report['method']} -> {folder}")
         log_report(loggers, report, step)

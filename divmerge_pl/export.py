@@ -1,4 +1,4 @@
-"""Writing a merge's results: ``merged/`` (with model cards), ``coefficients.json``,
+"""Writing a merge's results: ``merged/`` (with model cards), ``merged_adapter/``, ``coefficients.json``,
 ``report.json``; publishing ``merged/`` folders to the Hugging Face Hub.
 
 Everything is written through ``atomic`` (a temporary sibling renamed into place), so an
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from rich.table import Table
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .atomic import atomic_file, atomic_folder, current_umask
+from .adapter_export import ADAPTER_FOLDER, MergedAdapter, write_adapters
+from .atomic import atomic_file, atomic_folder, follow_umask
 from .hub import hub_offline
 from .merged import save_model
 from .preflight import safetensors_in
@@ -46,6 +46,7 @@ class ExportOptions:
     max_shard_size: str | int | None = None
     push_to_hub: str | None = None
     hub_private: bool = True
+    save_adapter: bool = True
 
     def __post_init__(self) -> None:
         if self.push_to_hub is not None and not self.save_weights:
@@ -57,7 +58,7 @@ class ExportOptions:
 EXPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
-OUTPUT_NAMES = ("merged", "coefficients.json", "report.json")
+OUTPUT_NAMES = ("merged", ADAPTER_FOLDER, "coefficients.json", "report.json")
 
 
 class OutputExistsError(FileExistsError):
@@ -72,16 +73,6 @@ def check_free(folder: Path, overwrite: bool) -> None:
             f"{str(folder)!r} already holds {', '.join(taken)} from an earlier run; "
             "choose another output folder or set overwrite: true"
         )
-
-
-def follow_umask(tree: Path) -> None:
-    """Give ``tree`` and everything in it the modes a plain ``open``/``mkdir`` would: safetensors
-    0.8 writes its files 0600 through a temporary file (safetensors/safetensors#782), ``mkdtemp``
-    makes 0700, and a model nobody else can read is no use on a shared machine or in a container."""
-    mask = current_umask()
-    for path in [tree, *tree.rglob("*")]:
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -200,9 +191,12 @@ def write_outputs(
     dtype: str = "float32",
     max_shard_size: str | int | None = None,
     card: Callable[[str], ModelCard] | None = None,
+    adapters: Mapping[str, MergedAdapter] | None = None,
+    adapter_card: Callable[[str], ModelCard] | None = None,
 ) -> dict[str, Path]:
-    """``models`` None: no ``merged/`` (the coefficients and experts rebuild it). Returns the
-    merged folders written, by task (``""``: the one causal LM)."""
+    """``models`` None: no ``merged/`` (the coefficients and experts rebuild it); ``adapters``
+    (``adapter_export``): ``merged_adapter/`` too. Returns the merged folders written, by task
+    (``""``: the one causal LM)."""
     folder.mkdir(parents=True, exist_ok=True)
     check_free(folder, overwrite)
     written: dict[str, Path] = {}
@@ -210,6 +204,10 @@ def write_outputs(
         written = write_merged(folder, models, tokenizer, dtype, max_shard_size, card)
     elif (folder / "merged").exists():  # overwriting: an earlier run's weights would pass for these
         shutil.rmtree(folder / "merged")
+    if adapters:
+        write_adapters(folder, adapters, dtype, adapter_card)
+    elif (folder / ADAPTER_FOLDER).exists():  # likewise
+        shutil.rmtree(folder / ADAPTER_FOLDER)
     if coefficients is not None:  # training-free methods have none of their own
         write_json(folder / "coefficients.json", coefficients)
     write_json(folder / "report.json", report)

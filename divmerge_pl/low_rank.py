@@ -96,6 +96,14 @@ def merged_weight(weight: Tensor, stack: LowRankStack, gamma: Tensor) -> Tensor:
     return weight + (delta.T if stack.fan_in_fan_out else delta).to(weight.dtype)
 
 
+def folded_factors(stack: LowRankStack, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """One LoRA of rank R and scaling 1 equal to the stack's merge at ``gamma``: ``(A, B)`` with
+    ``B @ A = sum_t gamma_t s_t B_t A_t``, A the tasks' A_t stacked and B their B_t each times
+    ``gamma_t s_t`` (a linear merge of adapters is itself an adapter: for export)."""
+    coefficients = stack.coefficients(gamma).to(torch.float32)
+    return stack.down.to(torch.float32), stack.up.to(torch.float32) * coefficients
+
+
 # ---------------------------------------------------------------- on a module
 class LowRankExperts(nn.Module):
     """The stacks as buffers (moved with the model, never checkpointed), one per target."""

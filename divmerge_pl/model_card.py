@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -43,6 +43,7 @@ class MergeFacts:
     dtype: str
     is_causal_lm: bool
     hub_ids: tuple[str, ...] = ()  # Hub repo ids of the models merged (the card's base_model)
+    adapters: dict[str, str] = field(default_factory=dict)  # task ("": causal LM) -> merged adapter folder
 
 
 def _score(value: float | None) -> str:
@@ -89,6 +90,13 @@ def card_metadata(facts: MergeFacts) -> ModelCardData:
     )
 
 
+def models_table(facts: MergeFacts) -> str:
+    return "\n".join(
+        ["| role | model |", "|---|---|", f"| base (theta0) | `{facts.base}` |"]
+        + [f"| expert `{t}` | `{p}` |" for t, p in facts.experts.items()]
+    )
+
+
 def model_card(facts: MergeFacts, task: str | None, location: str) -> ModelCard:
     """The card of the folder holding ``task``'s head (None: the one merged causal LM), loadable
     from ``location`` (a Hub repo id or a folder)."""
@@ -98,10 +106,7 @@ def model_card(facts: MergeFacts, task: str | None, location: str) -> ModelCard:
         if task is None
         else f"the merged backbone with the classification head of task `{task}`"
     )
-    models = "\n".join(
-        ["| role | model |", "|---|---|", f"| base (theta0) | `{facts.base}` |"]
-        + [f"| expert `{t}` | `{p}` |" for t, p in facts.experts.items()]
-    )
+    models = models_table(facts)
     setting_rows = "\n".join(
         ["| setting | value |", "|---|---|"]
         + [f"| {key} | `{json.dumps(value)}` |" for key, value in settings.items()]
@@ -139,6 +144,7 @@ from transformers import {facts.model_class}, AutoTokenizer
 model = {facts.model_class}.from_pretrained("{location}")
 tokenizer = AutoTokenizer.from_pretrained("{location}")
 ```
+{adapter_note(facts, task)}
 
 ## Recipe
 
@@ -150,3 +156,71 @@ files), `{rerun_command(report)}` makes this merge again.
 ```
 """
     return ModelCard(f"---\n{card_metadata(facts).to_yaml()}\n---\n{body}")
+
+
+def adapter_note(facts: MergeFacts, task: str | None) -> str:
+    """The main card's pointer to the same merge as a LoRA adapter, when one was written."""
+    folder = facts.adapters.get(task or "")
+    if folder is None:
+        return ""
+    return (
+        f"\nThe same merge is also a LoRA adapter over the base, in `{folder}` (r (d_in + d_out) "
+        "numbers per target instead of a whole model; its README says how to load it).\n"
+    )
+
+
+def adapter_card(
+    facts: MergeFacts, task: str | None, location: str, coefficients: dict, labels: int
+) -> ModelCard:
+    """The card of ``merged_adapter/<task>`` (None: the causal LM's): a LoRA adapter equal to the
+    merge, its experts' factors concatenated with the coefficients folded in, and how to load it."""
+    gamma = "\n".join(
+        ["| expert adapter | Gamma mean | min | max |", "|---|---:|---:|---:|"]
+        + [
+            f"| `{t}` | {sum(row) / len(row):.4f} | {min(row):.4f} | {max(row):.4f} |"
+            for t, row in zip(coefficients["tasks"], coefficients["values"], strict=True)
+        ]
+    )
+    model_class = facts.model_class
+    extra = "" if facts.is_causal_lm else f", num_labels={labels}"
+    head = "" if task is None else f" and the classification head of task `{task}` (`modules_to_save`)"
+    metadata = ModelCardData(
+        library_name="peft",
+        pipeline_tag="text-generation" if facts.is_causal_lm else "text-classification",
+        tags=["merge", "divmerge", "divmerge-pl", "lora", "peft"],
+    )
+    body = f"""
+# Merged LoRA adapter ({facts.report["method"]})
+
+This folder is one LoRA adapter over `{facts.base}` that equals the merge of {len(facts.experts)}
+LoRA adapters made by divmerge-pl {divmerge_version()} ([DivMerge]({PAPER_URL})):
+`W = W0 + sum_t Gamma_t * s_t * B_t A_t` on every target. Each target's factors are the experts'
+concatenated along the rank, `A = [A_1; A_2; ...]`, `B = [Gamma_1 s_1 B_1, Gamma_2 s_2 B_2, ...]`,
+at scaling 1 (`lora_alpha = r`, per target by `rank_pattern` / `alpha_pattern`){head}. Its
+tensors are stored in `{facts.dtype}`.
+
+## Adapters merged
+
+{models_table(facts)}
+
+Coefficients (`{coefficients["granularity"]}` granularity, {len(coefficients["groups"])} group(s) per
+adapter; every value in the run's `coefficients.json`):
+
+{gamma}
+
+## Scores
+
+{score_table(facts.report, task)}
+
+## How to load
+
+```python
+from peft import PeftModel
+from transformers import {model_class}
+
+base = {model_class}.from_pretrained("{facts.base}"{extra})
+model = PeftModel.from_pretrained(base, "{location}")
+model = model.merge_and_unload()  # optional: plain weights, as in merged/
+```
+"""
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}")

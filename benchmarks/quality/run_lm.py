@@ -35,12 +35,17 @@ from divmerge_pl.demo.tasks import prepare_task  # noqa: E402
 from divmerge_pl.tasks import TaskSpec  # noqa: E402
 
 OUT = HERE / "lm"
-DEFAULT_TASKS = "bbc_news,amazon_reviews,fever,hyperbaton,epistemic_reasoning,multiemo,trump_tweets"
+DEFAULT_TASKS = encoder_arm.DEFAULT_TASKS  # the same candidates, in the same order
 PROMPTS = {
     "bbc_news": "Article: {text}\nTopic:",
     "amazon_reviews": "Review: {text}\nSentiment:",
-    "multiemo": "Text: {text}\nEmotion:",
     "trump_tweets": "Tweet: {text}\nPosted from:",
+    "rt_critics": "Review: {text}\nVerdict:",
+    "trivia_topic": "Question: {text}\nTopic:",
+    "health_tweet_source": "Tweet: {text}\nNews outlet:",
+    "disaster_need": "Message: {text}\nNeed:",
+    "crowdflower_sentiment": "Tweet: {text}\nSentiment:",
+    "multiemo": "Text: {text}\nEmotion:",
 }
 GENERIC_PROMPT = "{text}\nAnswer:"
 

@@ -8,6 +8,7 @@ user's environment gains no package, and none of the packages' own dependencies.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,9 @@ def fetch_distribution(requirement: str, dest: Path, sdist: bool = False) -> Pat
     """The archive of ``requirement`` (``name==version``) in ``dest``, downloaded if absent."""
     dest.mkdir(parents=True, exist_ok=True)
     name, version = requirement.split("==")
-    stem = f"{name.replace('-', '_').lower()}-{version}"  # how wheels and sdists spell it
+    stem = f"{name.replace('-', '_').lower()}-{version}"  # how wheels and new sdists spell it
     for found in sorted(dest.iterdir()):
-        if found.is_file() and found.name.lower().startswith(stem):
+        if found.is_file() and _spells(found.name, name, version):
             return found
     if requirement in WITHDRAWN:
         raise RuntimeError(
@@ -50,3 +51,12 @@ def fetch_distribution(requirement: str, dest: Path, sdist: bool = False) -> Pat
         final = dest / files[0].name
         shutil.move(str(files[0]), final)
     return final
+
+
+def _spells(filename: str, name: str, version: str) -> bool:
+    """Whether ``filename`` is an archive of ``name`` ``version``: wheels write the name with ``_``
+    (``red_trivia-1.1.1-py3-none-any.whl``), older sdists as it was registered
+    (``Red-Trivia-1.1.1.tar.gz``), and ``foo-1.1`` must not take ``foo-1.10``."""
+    wanted = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}"
+    spelled = re.sub(r"[-_.]+", "_", filename[: len(name)]).lower() + filename[len(name) :]
+    return spelled.startswith(wanted) and spelled[len(wanted) :][:1] in ("-", ".")
