@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -61,6 +62,67 @@ def test_memory_bfloat16_vectors_take_half_the_bytes(tmp_path: Path):
         held = row["base_bytes"] + row["task_vector_bytes"]
         assert row["ratio_to_base_plus_vectors"] == pytest.approx(row["peak_added"] / held)
         assert row["activations_peak_added"] > 0
+
+
+def linear_weights(tiny_model) -> list[tuple[int, int]]:
+    """(d_out, d_in) of every linear that peft's ``all-linear`` targets (all but the head)."""
+    return [
+        tuple(m.weight.shape)
+        for name, m in tiny_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.startswith("classifier")
+    ]
+
+
+def test_memory_lora_experts_hold_their_factors_not_dense_vectors(tmp_path: Path):
+    """The LoRA rows: the adapters' task vectors are exactly their stacked factors (r per target,
+    plus a task index and a scaling per rank), the same experts as dense models hold one
+    d_out x d_in difference per linear, and nothing else differs from the base."""
+    sys.path.insert(0, str(BENCH))
+    from common import minilm_config
+    from transformers import BertForSequenceClassification
+
+    result = run_script("memory", tmp_path)
+    shapes = linear_weights(BertForSequenceClassification(minilm_config(tiny=True)))
+    lora = result["lora_vs_dense"]
+    (row,) = lora["results"]
+    n, r = row["tasks"], lora["rank"]
+    assert (n, r) == (2, 8)
+    factors = sum(r * (d_out + d_in) * 4 + r * (8 + 4) for d_out, d_in in shapes)  # float32; long + float
+    assert row["lora_task_vector_bytes"] == row["lora_low_rank_bytes"] == n * factors
+    assert row["dense_task_vector_bytes"] == n * sum(d_out * d_in * 4 for d_out, d_in in shapes)
+    assert row["dense_low_rank_bytes"] == 0
+    assert row["dense_over_lora"] == pytest.approx(
+        row["dense_task_vector_bytes"] / row["lora_task_vector_bytes"]
+    )
+    assert row["lora_load_peak_added"] > 0 and row["dense_load_peak_added"] > 0
+
+
+def test_lora_benchmark_trains_adapters_and_merges_them(tmp_path: Path):
+    """benchmarks/lora.py end to end on the tiny BERT: LoRA experts written as peft adapter
+    folders (with their head), merged by fit, scored per task; training-free methods either
+    scored or refused with the reason."""
+    out = tmp_path / "results"
+    argv = [sys.executable, str(BENCH / "lora.py"), "--tiny", "--tasks", "alpha,beta",
+            "--root", str(tmp_path / "work"), "--results", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=BENCH, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "lora.json").read_text())
+    assert result["lora"]["r"] == 8 and result["lora"]["lora_alpha"] == 16
+    for task, expert in result["experts"].items():
+        folder = tmp_path / "work" / "tiny" / "experts" / task
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert (config["peft_type"], config["task_type"], config["r"]) == ("LORA", "SEQ_CLS", 8)
+        assert not (folder / "model.safetensors").exists()  # an adapter, not a full model
+        assert expert["adapter_bytes"] == (folder / "adapter_model.safetensors").stat().st_size
+        assert expert["settings"]["lora"] == result["lora"]
+    report = result["merges"]["divmerge"]["report"]
+    assert set(report["tasks"]) == {"alpha", "beta"}
+    for task, row in report["tasks"].items():  # the merge's expert (its factors) is the peft model
+        assert row["expert"] == pytest.approx(result["experts"][task]["eval_accuracy"])
+        assert 0 <= row["merged"] <= 1
+    for method in ("task_arithmetic", "average"):
+        assert "report" in result["merges"][method] or "LoRA" in result["merges"][method]["refused"]
+    assert "| alpha |" in done.stdout and "| average |" in done.stdout
 
 
 def test_gpu_check_with_the_cpu_standing_in(tmp_path: Path):

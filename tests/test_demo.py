@@ -311,3 +311,42 @@ def test_a_cached_archive_is_found_only_under_its_own_name_and_version(tmp_path:
     (tmp_path / "foobar-1.1.tar.gz").write_bytes(b"")
     with pytest.raises(RuntimeError, match="could not download foo==1.1"):
         fetch_distribution("foo==1.1", tmp_path, sdist=True)
+
+
+def test_finetune_expert_trains_a_lora_adapter_and_keeps_the_full_experts_key(tmp_path: Path):
+    """With LoRA settings the demo's loop writes a peft adapter folder (head saved whole) keyed
+    by those settings too; without them, the full expert's settings, its cache key, are the ones
+    every demo cache was written with (no new key), so cached demo experts stay valid."""
+    from divmerge_pl.demo.training import finetune_expert
+
+    from .conftest import make_base, write_rows
+
+    make_base(tmp_path / "base")
+    task = tmp_path / "data" / "topics"
+    task.mkdir(parents=True)
+    for split, n in (("train", 16), ("val", 8), ("test", 8)):
+        write_rows(task / f"{split}.jsonl", n, num_labels=3, seed=len(split))
+    (task / "labels.json").write_text(json.dumps(["a", "b", "c"]))
+    (task / "splits.json").write_text(json.dumps({"rows": {"train": 16, "val": 8, "test": 8}}))
+    common = {"epochs": 1, "batch_size": 8, "show_progress": False}
+
+    full = finetune_expert(tmp_path / "base", task, tmp_path / "full", **common)
+    assert set(full["settings"]) == {"epochs", "patience", "batch_size", "lr", "max_length", "seed", "splits"}
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+    lora = {"r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]}
+    summary = finetune_expert(tmp_path / "base", task, tmp_path / "lora", lora=lora, **common)
+    assert summary["settings"] == {**full["settings"], "lora": lora}
+    folder = tmp_path / "lora"
+    assert not (folder / "model.safetensors").exists()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["r"]) == ("LORA", "SEQ_CLS", 2)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert any("classifier" in n for n in names) and any("lora_A" in n for n in names)
+    assert not any("key" in n for n in names)  # only the targets asked for
+    stamp = (folder / "adapter_model.safetensors").stat().st_mtime_ns
+    assert finetune_expert(tmp_path / "base", task, folder, lora=lora, **common) == summary  # reused
+    assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == stamp

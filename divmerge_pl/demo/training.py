@@ -2,6 +2,8 @@
 
 Word embeddings are frozen, as is common when fine-tuning small encoders: they are half of
 MiniLM's parameters, and keeping them equal to the base means no task vector is kept for them.
+The same loop trains a LoRA expert (a peft adapter folder) when given LoRA settings
+(benchmarks/lora.py); without them it is the demo's full fine-tuning, unchanged.
 """
 
 from __future__ import annotations
@@ -87,8 +89,13 @@ def finetune_expert(
     max_length: int = 64,
     seed: int = 0,
     show_progress: bool = True,
+    lora: dict | None = None,
 ) -> dict:
     """Fully fine-tune ``base`` (embeddings frozen) on ``task_dir/train.jsonl``; save to ``out_dir``.
+
+    With ``lora`` (``peft.LoraConfig``'s settings, JSON values), train a LoRA adapter instead
+    (and the classification head whole, in ``modules_to_save``): ``out_dir`` is then the adapter
+    folder that ``PeftModel.save_pretrained`` writes.
 
     With ``patience``, as a user would train to convergence: up to ``epochs`` epochs, scored on
     the held-out ``val.jsonl`` after each, stopping once ``patience`` epochs bring no gain, and
@@ -104,6 +111,8 @@ def finetune_expert(
         "seed": seed,
         "splits": json.loads((task_dir / "splits.json").read_text())["rows"],
     }
+    if lora is not None:  # only then: a full expert's settings, and so its cache key, are unchanged
+        settings["lora"] = lora
     done = out_dir / "finetune.json"
     if done.is_file():
         summary = json.loads(done.read_text())
@@ -123,6 +132,8 @@ def finetune_expert(
     )
     hf_logging.set_verbosity(verbosity)
     model.get_input_embeddings().weight.requires_grad_(False)
+    if lora is not None:
+        model = with_lora(model, lora)
     train = jsonl_rows(task_dir / "train.jsonl")
     val = jsonl_rows(task_dir / "val.jsonl")
     loader = _batches(tokenizer, train, batch_size, max_length, True, seed)
@@ -168,6 +179,15 @@ def finetune_expert(
     }
     save_expert(model, tokenizer, summary, out_dir)
     return summary
+
+
+def with_lora(model, lora: dict):
+    """``model`` wrapped in a peft LoRA of ``lora``'s settings; ``task_type="SEQ_CLS"`` makes
+    peft train the classification head whole and save it with the adapter (a merge needs each
+    expert's own head). Everything else is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **lora))
 
 
 def save_expert(model, tokenizer, summary: dict, out_dir: Path) -> None:
