@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .fingerprints import fingerprint
+from .hub import local_or_snapshot
 from .low_rank import LoraFactors, LowRankStack, stack_factors
 from .preflight import (
     CheckedModels,
@@ -80,8 +81,9 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 
 def adapter_folders(experts: Mapping[str, str]) -> dict[str, Path]:
-    """The experts given as PEFT adapter folders: task -> folder."""
-    folders = {task: Path(path).expanduser() for task, path in experts.items()}
+    """The experts given as PEFT adapters, as local folders or as Hub ids (``org/name[@rev]``,
+    resolved into the user's Hub cache as full models are): task -> folder."""
+    folders = {task: local_or_snapshot(str(path), f"expert {task!r}") for task, path in experts.items()}
     return {task: folder for task, folder in folders.items() if is_adapter_folder(folder)}
 
 

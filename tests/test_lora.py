@@ -700,6 +700,29 @@ def test_cli_fit_with_lora_experts_writes_merged_models(bert_setup, tmp_path):
     assert set(json.loads((run / "report.json").read_text())["tasks"]) == {"alpha", "beta", "gamma"}
 
 
+def test_adapters_given_as_hub_ids_merge_as_their_folders(bert_setup, tmp_path, monkeypatch):
+    """An adapter repository in the Hub cache (offline), named by its id, is read as the folder it
+    holds: same fingerprints, factors and heads as when the folder is given."""
+    from .test_hub import COMMIT_A, lay_out
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    cache = tmp_path / "hf_home" / "hub"
+    lay_out(cache, "org/beta-lora", bert_setup.experts["beta"], COMMIT_A)
+    by_folder = {t: str(bert_setup.experts[t]) for t in ("alpha", "beta")}
+    by_id = {**by_folder, "beta": "org/beta-lora"}
+    folder, hub = load_experts(str(bert_setup.base), by_folder), load_experts(str(bert_setup.base), by_id)
+    assert hub.fingerprints == folder.fingerprints
+    assert hub.paths["beta"] == cache / "models--org--beta-lora" / "snapshots" / COMMIT_A
+    assert set(hub.low_rank) == set(folder.low_rank) and folder.low_rank
+    for name, stack in folder.low_rank.items():
+        torch.testing.assert_close(hub.low_rank[name].down, stack.down, atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="expert 'beta'.*org/missing-lora"):
+        load_experts(str(bert_setup.base), {**by_folder, "beta": "org/missing-lora"})
+
+
 def test_experts_all_lora_take_their_kind_from_the_adapters(bert_setup):
     """The base is a BertModel folder (no head, architectures BertModel): the adapters' task_type
     says classification, their heads say how many labels."""
