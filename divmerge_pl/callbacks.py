@@ -208,7 +208,8 @@ class MergedModelExport(L.Callback):
     def export(self, trainer: L.Trainer, module: DivMergeModule) -> Path:
         """Write every output of ``module``'s current merge (rank 0); also used by ``divmerge-pl merge``."""
         folder = self.folder(trainer)  # on every rank: it broadcasts
-        self._write(folder, module, run_recipe(trainer, module), trainer.loggers, trainer.global_step)
+        with module.gathered_merge():  # sharded mode: every rank takes part in gathering
+            self._write(folder, module, run_recipe(trainer, module), trainer.loggers, trainer.global_step)
         return folder
 
     @rank_zero_only

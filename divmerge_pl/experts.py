@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def load_experts(
     experts: dict[str, str],
     vector_dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    keep: Callable[[Tensor], Tensor] | None = None,
 ) -> LoadedExperts:
     """Load ``base`` and ``experts`` and check, before any training, that they can be merged.
 
@@ -123,6 +125,8 @@ def load_experts(
     in ``vector_dtype``: the peak is the base plus the stacks plus one tensor, never a whole
     expert model (a checkpoint in another layout falls back to loading that one expert whole).
     Pickled weights (``.bin``) are refused unless ``allow_pickle``: loading them can run code.
+    ``keep`` (sharded mode) gives the part of a tensor this process holds: task vectors are then
+    stored as that part only, from the first expert on.
     """
     checked = check_with_adapters(base, experts, allow_pickle)
     adapters = adapter_folders(experts)  # LoRA experts: read below, kept as their factors
@@ -171,14 +175,14 @@ def load_experts(
             if name in heads:  # a copy: a view would keep the whole mapped file alive
                 task_heads.setdefault(task, {})[name] = tensor.clone()
                 continue
-            _add_task_vector(task_vectors, name, t, tensor, base_state[name], len(tasks), vector_dtype)
+            _add_task_vector(task_vectors, name, t, tensor, base_state[name], len(tasks), vector_dtype, keep)
         fingerprints[task] = digest.hexdigest()
         task_heads.setdefault(task, {})
     lora = read_lora_experts(base_model, kind, tasks, adapters, heads, allow_pickle)
     for task in adapters:  # tensors an adapter saves whole (modules_to_save) merge as dense vectors
         t = tasks.index(task)
         for name, tensor in lora.full[task].items():
-            _add_task_vector(task_vectors, name, t, tensor, base_state[name], len(tasks), vector_dtype)
+            _add_task_vector(task_vectors, name, t, tensor, base_state[name], len(tasks), vector_dtype, keep)
     task_heads.update(lora.heads)
     configs.update(lora.configs)
     fingerprints.update(lora.fingerprints)
@@ -196,9 +200,12 @@ def load_experts(
     )
 
 
-def _add_task_vector(task_vectors, name, t, tensor, base, num_tasks, dtype) -> None:
-    """Task ``t``'s ``tensor - base`` into the stack of ``name`` (created when first needed)."""
+def _add_task_vector(task_vectors, name, t, tensor, base, num_tasks, dtype, keep=None) -> None:
+    """Task ``t``'s ``tensor - base`` (``keep``'s part of it) into the stack of ``name`` (created
+    when first needed)."""
     if not torch.equal(tensor, base):  # no temporary difference tensor
+        if keep is not None:
+            tensor, base = keep(tensor), keep(base)
         if name not in task_vectors:
             task_vectors[name] = torch.zeros((num_tasks, *tensor.shape), dtype=dtype)
         torch.sub(tensor, base, out=task_vectors[name][t])

@@ -54,7 +54,8 @@ class TaskKind:
             yield dm_id, self.module.tasks.index(name), name, rows_of(dm.train_rows, dm_id), evals
 
     def _spread(self, dm: MergeDataModule, rows: Dataset, compute) -> Any:
-        return across_ranks(self.module, dm.ordered_dataloader, rows, compute)
+        sharded = self.frozen.sharding is not None  # forwards gather weights: as many on every rank
+        return across_ranks(self.module, dm.ordered_dataloader, rows, compute, equal_shares=sharded)
 
     def new_scores(self, dm: MergeDataModule, sync_on_compute: bool = True) -> TaskScores:
         raise NotImplementedError

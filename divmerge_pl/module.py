@@ -10,6 +10,8 @@ A training-free method (``static_method``) replaces Gamma by its fixed result.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -33,6 +35,7 @@ from .quiet import follow_trainer
 from .reports import coefficient_table
 from .resume import check_checkpoint, checkpoint_record
 from .selection import choose_settings
+from .sharding import Sharding, TaskVectorSharding, check_can_shard
 from .static_merges import StaticMerge, transformed_vectors
 from .task_vectors import FixedDelta, FrozenExperts, check_strategy
 from .teachers import DEFAULT_CACHE, Teachers, token_fingerprint
@@ -135,6 +138,7 @@ class DivMergeModule(L.LightningModule):
         self.val_scores: TaskScores | None = None
         self.evaluation: Evaluation | None = None  # scores, once the experts load
         self.on_demand_ok = False  # set by prepare_teachers, once checked on this model
+        self.gathered: dict[str, Tensor] | None = None  # sharded mode: see gathered_merge
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -182,12 +186,14 @@ class DivMergeModule(L.LightningModule):
             return
         h = self.hparams
         dtype = getattr(torch, h.task_vector_dtype)
-        loaded = load_experts(h.base, dict(h.experts), dtype, allow_pickle=h.allow_pickle)
+        sharding = self._sharding()
+        keep = None if sharding is None else sharding.part
+        loaded = load_experts(h.base, dict(h.experts), dtype, allow_pickle=h.allow_pickle, keep=keep)
         transform = None
         if self.static_merge is None:
             settings = (h.task_vector_transform, h.density, h.trim_scope, h.drop_rate, h.transform_seed)
             transform = lambda vectors: transformed_vectors(vectors, *settings)  # noqa: E731
-        self.frozen = FrozenExperts(loaded, dtype, transform)
+        self.frozen = FrozenExperts(loaded, dtype, transform, sharding)
         self.kind = task_kind(self)
         self.val_scores = self.kind.new_scores(self.merge_datamodule())  # a val / test epoch's, synced
         self.evaluation = Evaluation(self)
@@ -201,6 +207,14 @@ class DivMergeModule(L.LightningModule):
             f"DivMerge: {self.frozen.summary()}, {self.layout.num_groups} coefficient group(s) "
             f"per task ({h.granularity})"
         )
+
+    def _sharding(self) -> Sharding | None:
+        """This process's share of the frozen side, under ``TaskVectorSharding`` with W > 1."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, TaskVectorSharding) or strategy.world_size == 1:
+            return None
+        check_can_shard(self.hparams, self.static_method)
+        return Sharding(strategy.root_device)
 
     def set_static_merge(self, merge: StaticMerge) -> None:
         """Fix the merge to ``merge``'s result (the experts loaded): how ``choose_settings`` tries
@@ -261,7 +275,23 @@ class DivMergeModule(L.LightningModule):
         fixed result of a training-free method."""
         if self.fixed_delta is not None:
             return self.fixed_delta.merged(self.frozen.base_tensors(self.fixed_delta.names))
+        if self.gathered is not None:
+            return self.gathered
         return self.frozen.merged(self.merge_coefficients(), self.layout)
+
+    @contextmanager
+    def gathered_merge(self) -> Iterator[None]:
+        """Sharded mode: the merged model gathered once, on every process, for what rank 0 alone
+        then reads inside the block (the export and its report); elsewhere a no-op."""
+        if self.frozen.sharding is None or self.fixed_delta is not None:
+            yield
+            return
+        with torch.no_grad():
+            self.gathered = self.frozen.merged(self.merge_coefficients(), self.layout)
+        try:
+            yield
+        finally:
+            self.gathered = None
 
     def low_rank_coefficients(self) -> Tensor | None:
         """The LoRA factors' coefficients: Gamma, or a training-free method's fixed weights (None
@@ -291,7 +321,13 @@ class DivMergeModule(L.LightningModule):
         inputs = {k: batch[k][:4].to(self.device) for k in MODEL_INPUTS if k in batch}
         with self.low_rank():
             make = self.frozen.merge_at(self.merge_coefficients(), self.layout)
-            return self.frozen.on_demand_works(make, inputs, self.frozen.merge_names)
+            works = self.frozen.on_demand_works(make, inputs, self.frozen.merge_names)
+        if not works and self.frozen.sharding is not None:
+            raise ValueError(
+                "trainer.strategy task_vector_sharding: this model reads some weight outside its own "
+                "module's forward, so its weights cannot be gathered module by module; use ddp"
+            )
+        return works
 
     def task_rows(self, batch: dict[str, Tensor]):
         """``(task index, mask of its rows)`` for every task present in ``batch``."""

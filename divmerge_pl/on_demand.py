@@ -78,7 +78,7 @@ def merged_on_demand(base_model: nn.Module, make: MakeTensor, names: Iterable[st
             return make(name).as_strided(size, stride, offset)
 
     originals = {(m, attr): m._parameters[attr] for m, owned in owners.items() for attr, _ in owned}
-    placeholders = {key: _nan_like(param) for key, param in originals.items()}
+    placeholders = {key: nan_like(param) for key, param in originals.items()}
     hooks = []
     try:
         for (module, attr), placeholder in placeholders.items():
@@ -96,6 +96,7 @@ def merged_on_demand(base_model: nn.Module, make: MakeTensor, names: Iterable[st
         live.clear()
 
 
-def _nan_like(param: Tensor) -> Tensor:
-    """NaN everywhere, the shape, dtype and device of ``param``, four bytes of memory."""
-    return torch.full((), float("nan"), dtype=param.dtype, device=param.device).expand(param.shape)
+def nan_like(param: Tensor, device: torch.device | None = None) -> Tensor:
+    """NaN everywhere, the shape, dtype and device (or ``device``) of ``param``, four bytes of memory."""
+    where = param.device if device is None else device
+    return torch.full((), float("nan"), dtype=param.dtype, device=where).expand(param.shape)

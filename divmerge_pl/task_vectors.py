@@ -25,7 +25,8 @@ from .coefficients import CoefficientLayout
 from .experts import LoadedExperts
 from .low_rank import DenseTaskVectors, LowRankExperts, low_rank_added, merged_weight
 from .merged import expert_tensor, expert_tensors, forward_logits, merge_tensor, merge_tensors
-from .on_demand import MakeTensor, merged_on_demand
+from .on_demand import MakeTensor, merged_on_demand, nan_like
+from .sharding import Sharding
 from .static_merges import StaticMerge, TaskVectors
 
 DENSE_NOTE = (
@@ -42,10 +43,13 @@ class FrozenExperts(nn.Module):
         loaded: LoadedExperts,
         vector_dtype: torch.dtype = torch.float32,
         transform: Callable[[TaskVectors], dict[str, Tensor] | None] | None = None,
+        sharding: Sharding | None = None,
     ) -> None:
         """``transform``: the vectors the learned merge combines instead of the experts' own task
         vectors (TIES/DARE-processed, AdaMerging++ style; None: the own), from every merged
-        tensor's dense task vectors; teachers always use the experts' own."""
+        tensor's dense task vectors; teachers always use the experts' own. ``sharding``: the
+        task vectors were loaded as this process's part (``load_experts(keep=...)``); the base
+        is cut here, and every weight is gathered per module, just before it runs."""
         super().__init__()
         self.kind = loaded.kind
         self.tasks = loaded.tasks
@@ -70,8 +74,34 @@ class FrozenExperts(nn.Module):
         for t, head in enumerate(loaded.heads.values()):
             for j, tensor in enumerate(head.values()):
                 self.register_buffer(f"head_{t}_{j}", tensor, persistent=False)
+        self.sharding = sharding
+        self.shapes: dict[str, torch.Size] = {}  # sharded mode: each sharded tensor's whole shape
+        self.sharded_names: list[str] = []
+        if sharding is not None:
+            self._shard_base(sharding)
         self.register_state_dict_post_hook(_drop_own_keys)
         self.register_load_state_dict_post_hook(_forget_own_missing_keys)
+
+    def _shard_base(self, sharding: Sharding) -> None:
+        """Keep this process's part of every base tensor but the heads (they stay whole: each is
+        one task's), and free the whole: the base's parameter becomes a NaN placeholder."""
+        heads = {name for names in self.head_names for name in names}
+        params = dict(self.base_model.named_parameters())  # a tied tensor once
+        self.sharded_names = [name for name in params if name not in heads]
+        for i, name in enumerate(self.sharded_names):
+            param = params[name]
+            self.shapes[name] = param.shape
+            self.register_buffer(f"base_{i}", sharding.local(param.detach()), persistent=False)
+            # made on the device it will run on: moving a stride-0 tensor would make it whole
+            param.data = nan_like(param, sharding.device)
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor this process holds for the frozen side (each storage once)."""
+        seen: dict[int, int] = {}
+        for tensor in [*self.parameters(), *self.buffers()]:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
     def train(self, mode: bool = True) -> FrozenExperts:
         return super().train(False)  # teachers were computed without dropout: so is the merge
@@ -83,8 +113,17 @@ class FrozenExperts(nn.Module):
 
     def base_tensors(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
         """The base's tensors of ``names`` (default: those with dense task vectors)."""
+        names = self.names if names is None else names
+        if self.sharding is not None:  # whole, gathered
+            return {name: self._gather(self._base_part(name), name) for name in names}
         params = dict(self.base_model.named_parameters())
-        return {name: params[name] for name in (self.names if names is None else names)}
+        return {name: params[name] for name in names}
+
+    def _base_part(self, name: str) -> Tensor:
+        return getattr(self, f"base_{self.sharded_names.index(name)}")
+
+    def _gather(self, part: Tensor, name: str) -> Tensor:
+        return self.sharding.gather(part, self.shapes[name])
 
     def merged_names(self) -> list[str]:
         """Every merged tensor, dense or low-rank (LoRA targets), in model order."""
@@ -97,10 +136,14 @@ class FrozenExperts(nn.Module):
         """What is merged, for the log."""
         dense = sum(getattr(self, f"tau_{i}")[0].numel() for i in range(len(self.names)))
         total = sum(p.numel() for p in self.base_model.parameters())
+        where = ""
+        if self.sharding is not None:
+            dense *= self.sharding.world  # about: the parts differ by a row
+            where = f"; base and task vectors sharded across {self.sharding.world} processes"
         return (
             f"{len(self.tasks)} experts ({self.kind}); merging {len(self.merged_names())} tensors "
             f"({dense / 1e6:.2f}M dense of {total / 1e6:.2f}M parameters; tensors equal in base and "
-            "every expert stay the base's)"
+            f"every expert stay the base's{where})"
         )
 
     def task_vectors(self) -> dict[str, Tensor]:
@@ -130,25 +173,53 @@ class FrozenExperts(nn.Module):
 
     # ---------------------------------------------------------------- merged weights
     def merged(self, gamma: Tensor, layout: CoefficientLayout) -> dict[str, Tensor]:
-        """Every dense merged tensor at ``gamma`` [tasks x groups], differentiable in it."""
+        """Every dense merged tensor at ``gamma`` [tasks x groups], differentiable in it (sharded:
+        every sharded tensor, gathered whole)."""
+        if self.sharding is not None:
+            make = self.merge_at(gamma, layout)
+            return {name: make(name) for name in self.sharded_names}
         return merge_tensors(self.base_tensors(self.merge_names), self.merge_vectors(), gamma, layout)
 
     def merge_at(self, gamma: Tensor, layout: CoefficientLayout) -> MakeTensor:
-        """One dense merged tensor at a time, for the merge on demand (of ``merge_names``)."""
-        base, vectors, group = self.base_tensors(self.merge_names), self.merge_vectors(), layout.group_of
+        """One dense merged tensor at a time, for the merge on demand (of ``merge_names``; sharded:
+        each process merges its part, gathered)."""
+        vectors, group = self.merge_vectors(), layout.group_of
+        if self.sharding is not None:
+            merge = lambda name, part: merge_tensor(part, vectors[name], gamma[:, group[name]])  # noqa: E731
+            return self._sharded(vectors, merge)
+        base = self.base_tensors(self.merge_names)
         return lambda name: merge_tensor(base[name], vectors[name], gamma[:, group[name]])
 
     def expert_at(self, task_index: int) -> MakeTensor:
         """Expert ``task_index``'s own dense tensors, one at a time."""
-        base, vectors = self.base_tensors(), self.task_vectors()
+        vectors = self.task_vectors()
+        if self.sharding is not None:
+            return self._sharded(vectors, lambda name, part: expert_tensor(part, vectors[name], task_index))
+        base = self.base_tensors()
         return lambda name: expert_tensor(base[name], vectors[name], task_index)
 
+    def _sharded(self, vectors: dict[str, Tensor], combine: Callable[[str, Tensor], Tensor]) -> MakeTensor:
+        """Sharded mode's ``make``: ``combine`` on this process's part of a tensor of ``vectors``
+        (the base's part alone for the others), gathered whole."""
+
+        def make(name: str) -> Tensor:
+            part = self._base_part(name)
+            return self._gather(combine(name, part) if name in vectors else part, name)
+
+        return make
+
     def expert(self, task_index: int) -> dict[str, Tensor]:
+        if self.sharding is not None:
+            make = self.expert_at(task_index)
+            return {name: make(name) for name in self.sharded_names}
         return expert_tensors(self.base_tensors(), self.task_vectors(), task_index)
 
     def on_demand(self, make: MakeTensor, names: Iterable[str] | None = None) -> AbstractContextManager[None]:
         """Forwards inside run each module with ``make``'s tensors of ``names`` (default: those
-        with dense task vectors; ``merge_names`` for ``merge_at``), built just before it."""
+        with dense task vectors; ``merge_names`` for ``merge_at``), built just before it.
+        Sharded: every sharded tensor, whatever ``names``."""
+        if self.sharding is not None:
+            names = self.sharded_names
         return merged_on_demand(self.base_model, make, self.names if names is None else names)
 
     @torch.no_grad()

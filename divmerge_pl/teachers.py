@@ -129,16 +129,25 @@ def across_ranks(
     batches_of: Callable[[Dataset], Iterable],
     rows: Dataset,
     compute: Callable[[Any], Any],
+    equal_shares: bool = False,
 ) -> Any:
     """``compute`` over ``rows``' batches (a tensor or a dict of tensors, a row each), each of the W
     processes taking every W-th row and the shares gathered back in row order: teachers cost
-    1/W of their single-process time, and every rank ends with all of them."""
+    1/W of their single-process time, and every rank ends with all of them. ``equal_shares``:
+    every rank runs as many rows (a short share repeats its last row, dropped after), for a
+    ``compute`` whose forwards communicate (sharded mode gathers weights in each)."""
     world = module.trainer.world_size if module._trainer is not None else 1
     if world == 1 or len(rows) < world:
         return compute(batches_of(rows))
     rank = module.trainer.global_rank
-    share = compute(batches_of(rows.select(range(rank, len(rows), world))))
     size = -(-len(rows) // world)
+    picked = list(range(rank, len(rows), world))
+    own = len(picked)
+    if equal_shares:
+        picked += picked[-1:] * (size - own)
+    share = compute(batches_of(rows.select(picked)))
+    if equal_shares:
+        share = {k: v[:own] for k, v in share.items()} if isinstance(share, dict) else share[:own]
 
     def gather(part: Tensor) -> Tensor:
         padded = part.new_zeros((size, *part.shape[1:]))

@@ -319,9 +319,13 @@ def test_greedy_answers_ignore_the_folders_generation_config(tmp_path):
     assert (module.teachers.answer_len < 3).any(), "min_new_tokens=3 of the folder must not lengthen answers"
 
 
-def test_two_processes_share_the_lm_teachers_and_learn_what_one_learns(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "sharded"])
+def test_two_processes_share_the_lm_teachers_and_learn_what_one_learns(tmp_path, strategy):
+    """Sharded: the LM (its tied embedding and head too) is cut across the processes."""
     import subprocess
     import sys
+
+    from .test_sharding import TWO_PROCESSES
 
     lm = build_lm_setup(tmp_path, "gpt2")
     single = write_lm_config(lm, tmp_path / "single", teacher_cache=str(tmp_path / "one"), top_k=4)
@@ -329,10 +333,7 @@ def test_two_processes_share_the_lm_teachers_and_learn_what_one_learns(tmp_path)
     config = write_lm_config(lm, tmp_path / "ddp", teacher_cache=str(tmp_path / "two"), top_k=4)
     done = subprocess.run(
         [
-            sys.executable, "-m", "divmerge_pl.cli", "fit", "--config", str(config),
-            "--trainer.accelerator=cpu", "--trainer.devices=2", "--data.init_args.batch_size=4",
-            "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
-            "--trainer.strategy.process_group_backend=gloo", "--trainer.strategy.broadcast_buffers=false",
+            sys.executable, "-m", "divmerge_pl.cli", "fit", "--config", str(config), *TWO_PROCESSES[strategy],
         ],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -756,9 +756,11 @@ def test_resume_mid_epoch_with_lora_experts_ends_as_an_unbroken_run(bert_setup, 
     torch.testing.assert_close(final_coefficients(broken), whole, atol=1e-6, rtol=0)
 
 
-def test_two_gloo_processes_with_lora_experts_learn_what_one_learns(bert_setup, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "sharded"])
+def test_two_gloo_processes_with_lora_experts_learn_what_one_learns(bert_setup, tmp_path, strategy):
     """2 x 4 rows against 1 x 8: each rank runs the LoRA experts' teachers on its share and the
-    low-rank merge on its rows; the coefficients are one process's, to float tolerance."""
+    low-rank merge on its rows; the coefficients are one process's, to float tolerance. Sharded:
+    the base is cut across the processes, the LoRA factors held whole."""
     import subprocess
     import sys
 
@@ -767,15 +769,13 @@ def test_two_gloo_processes_with_lora_experts_learn_what_one_learns(bert_setup, 
     from .test_fit import write_config
     from .test_lightning import REPO
     from .test_resume import final_coefficients
+    from .test_sharding import TWO_PROCESSES
 
     main(["fit", "--config", str(write_config(bert_setup, tmp_path / "single", epochs=1))])
     done = subprocess.run(
         [
             sys.executable, "-m", "divmerge_pl.cli", "fit",
-            "--config", str(write_config(bert_setup, tmp_path / "ddp", epochs=1)),
-            "--trainer.accelerator=cpu", "--trainer.devices=2", "--data.init_args.batch_size=4",
-            "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
-            "--trainer.strategy.process_group_backend=gloo", "--trainer.strategy.broadcast_buffers=false",
+            "--config", str(write_config(bert_setup, tmp_path / "ddp", epochs=1)), *TWO_PROCESSES[strategy],
             f"--model.init_args.teacher_cache={tmp_path / 'ddp_teachers'}",  # computed anew, split
         ],
         cwd=REPO, capture_output=True, text=True, timeout=300,
