@@ -6,8 +6,8 @@ Every run is the real command (``divmerge_pl.cli.main``) on the same random expe
 seed; each one's learned coefficients are compared with the CPU float32 run's, and the float32
 GPU run's exported weights with theta0 + sum Gamma tau computed on the CPU in float64. The
 variants are the ones no CPU session could check: float32 on CUDA, merge on demand against the
-whole merged copy, bf16-mixed, bfloat16 task vectors, and the DDP and FSDP strategies on one
-device. A run that fails is recorded with its error, not hidden. ``--device cpu`` runs the same
+whole merged copy, bf16-mixed, bfloat16 task vectors, and the DDP, FSDP and task-vector-sharding strategies
+on one device. A run that fails is recorded with its error, not hidden. ``--device cpu`` runs the same
 code with the CPU standing in for the GPU (the smoke test). Prints a table and writes
 ``results/gpu_check.json``.
 """
@@ -38,6 +38,9 @@ VARIANTS: dict[str, tuple[dict, dict, float]] = {
     "bfloat16 task vectors": ({}, {"task_vector_dtype": "bfloat16"}, 5e-2),
     "ddp, 1 device": ({"strategy": "ddp"}, {}, 1e-4),
     "fsdp, 1 device": ({"strategy": "fsdp"}, {}, 1e-4),
+    # the sharded mode's gather (DTensor, Shard -> Replicate) and its reduce-scatter in backward
+    # on CUDA; W > 1 needs several GPUs: tests/test_sharding.py checks W = 2 with gloo on CPUs
+    "task_vector_sharding, 1 device": ({"strategy": "task_vector_sharding"}, {}, 1e-4),
 }
 
 

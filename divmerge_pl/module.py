@@ -209,9 +209,10 @@ class DivMergeModule(L.LightningModule):
         )
 
     def _sharding(self) -> Sharding | None:
-        """This process's share of the frozen side, under ``TaskVectorSharding`` with W > 1."""
+        """This process's share of the frozen side, under ``TaskVectorSharding`` (on one process,
+        the whole of it, still gathered per module: what a one-GPU check can run)."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, TaskVectorSharding) or strategy.world_size == 1:
+        if not isinstance(strategy, TaskVectorSharding):
             return None
         check_can_shard(self.hparams, self.static_method)
         return Sharding(strategy.root_device)

@@ -145,6 +145,26 @@ def test_two_sharded_processes_learn_what_one_process_learns(tiny):
             torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=0)
 
 
+def test_one_sharded_process_learns_what_a_plain_run_learns(tiny, caplog):
+    """W = 1: the whole tensors, still merged through the DTensor gather (the one-GPU check)."""
+    import logging
+
+    from divmerge_pl.cli import main
+
+    from .test_lightning import _final
+
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "plain", epochs=1))])
+    caplog.set_level(logging.INFO)
+    main(
+        [
+            "fit", "--config", str(write_config(tiny, tiny.root / "one", epochs=1)),
+            "--trainer.strategy=task_vector_sharding",  # registered name; gloo on CPUs
+        ]
+    )  # fmt: skip
+    torch.testing.assert_close(_final(tiny.root / "one"), _final(tiny.root / "plain"), atol=1e-6, rtol=0)
+    assert "sharded across 1 processes" in caplog.text
+
+
 def test_sharded_mode_refuses_what_needs_whole_vectors(tiny):
     done = _fit(
         write_config(tiny, tiny.root / "ties", epochs=1), *SHARDED, "--model.init_args.task_vector_transform=ties"
