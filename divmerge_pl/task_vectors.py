@@ -309,14 +309,14 @@ SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 def check_strategy(strategy: Strategy) -> None:
-    """Refuse sharded strategies before any model loads: every merge step reads the whole base
-    and every task vector on each device, and the checkpoint holds Gamma alone (FSDP's state-dict
-    hooks expect the frozen tensors in it and fail at the first checkpoint)."""
+    """Refuse the strategies that shard parameters before any model loads: the frozen side is not
+    parameters, and the checkpoint holds Gamma alone (FSDP's state-dict hooks expect the frozen
+    tensors in it and fail at the first checkpoint); ``TaskVectorSharding`` shards the frozen side."""
     if isinstance(strategy, SHARDED_STRATEGIES):
         raise ValueError(
-            f"trainer.strategy {type(strategy).__name__} shards the model, which DivMerge does not "
-            "support: the base and task vectors are held whole by every process and only the merge "
-            "coefficients train. Use ddp (configs/ddp.yaml), or a single device."
+            f"trainer.strategy {type(strategy).__name__} shards trainable parameters, but a merge "
+            "trains only its coefficients: to hold 1/W of the base and task vectors per process, use "
+            "task_vector_sharding (configs/sharded.yaml); or ddp (configs/ddp.yaml), or one device."
         )
 
 

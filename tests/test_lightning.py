@@ -291,7 +291,7 @@ def test_sharded_strategies_are_refused_before_any_model_loads(tiny, monkeypatch
     trainer = L.Trainer(accelerator="cpu", logger=False)
     module.trainer = trainer
     monkeypatch.setattr(L.Trainer, "strategy", property(lambda self: FSDPStrategy()))
-    with pytest.raises(ValueError, match=r"trainer.strategy FSDPStrategy shards .* Use ddp"):
+    with pytest.raises(ValueError, match=r"trainer.strategy FSDPStrategy shards .* use task_vector_sharding"):
         module.setup("fit")
     module_file.check_strategy(DDPStrategy())  # replicated strategies pass
 
