@@ -5,7 +5,8 @@ the teacher cache costs across epochs and runs.
     python benchmarks/step_cost.py [--tasks 2,4,8] [--steps 12] [--length 64] [--precision 32-true]
 
 Prints a table and writes benchmarks/results/step_cost.json. Ratios are taken within one run.
-On a GPU (taken when there is one) it also records each fit's peak GPU memory.
+On a GPU (taken when there is one) it also records each fit's peak GPU memory and the host syncs
+of a DivMerge step (torch's CUDA sync debug mode: the whole step, Lightning's part included).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -42,7 +44,35 @@ class PlainStep(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-5)
 
 
-def trainer(steps: int, timer: StepTimer, precision: str = "32-true") -> L.Trainer:
+class SyncCounter(L.Callback):
+    """Host syncs of each training step on CUDA, counted as the warnings of torch's sync debug
+    mode (some syncs, such as collectives', go uncounted); nothing elsewhere."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self._catching = None
+
+    def on_train_batch_start(self, *args) -> None:
+        if torch.cuda.is_available():
+            self._catching = warnings.catch_warnings(record=True)
+            self._caught = self._catching.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, *args) -> None:
+        if self._catching is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            reported = [w for w in self._caught if "called a synchronizing CUDA operation" in str(w.message)]
+            self.counts.append(len(reported))
+            self._catching.__exit__(None, None, None)
+            self._catching = None
+
+    def per_step(self) -> int | None:
+        """The fewest syncs of a step after the warm-ups (None without a GPU)."""
+        return min(self.counts[2:] or self.counts) if self.counts else None
+
+
+def trainer(steps: int, timer: StepTimer, precision: str = "32-true", *others: L.Callback) -> L.Trainer:
     return L.Trainer(
         max_steps=steps,
         accelerator="auto",
@@ -53,7 +83,7 @@ def trainer(steps: int, timer: StepTimer, precision: str = "32-true") -> L.Train
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[timer, *others],  # the timer waits by torch.cuda.synchronize: not a sync the mode reports
     )
 
 
@@ -106,14 +136,14 @@ def main() -> None:
             trainer(args.steps, timer, args.precision).fit(plain, datamodule=data)
         plain_s = timer.fastest()
         for granularity, on_demand, options in VARIANTS:
-            timer = StepTimer()
+            timer, syncs = StepTimer(), SyncCounter()
             module = DivMergeModule(
                 setup["base"], setup["experts"], granularity=granularity, teacher_cache=None,
                 merge_on_demand=on_demand, **options,
             )  # fmt: skip
             data = datamodule(setup, batch, args.length)
             with gpu_peak() as peak:
-                trainer(args.steps, timer, args.precision).fit(module, datamodule=data)
+                trainer(args.steps, timer, args.precision, syncs).fit(module, datamodule=data)
             step_s = timer.fastest()
             results.append(
                 {
@@ -129,6 +159,7 @@ def main() -> None:
                     "plain_step_s": plain_s,
                     "divmerge_step_s": step_s,
                     "ratio": step_s / plain_s,
+                    "host_syncs_per_step": syncs.per_step(),
                     "target": 1.3,
                 }
             )
@@ -136,6 +167,7 @@ def main() -> None:
                 f"N={n} {granularity:5s} on demand {on_demand!s:5s} {options or ''} plain {plain_s:.3f}s "
                 f"divmerge {step_s:.3f}s ratio {step_s / plain_s:.2f}"
                 + (f" peak GPU {plain_peak['mib']:.0f} / {peak['mib']:.0f} MiB" if peak else "")
+                + (f" host syncs {syncs.per_step()}" if syncs.counts else "")
             )
 
     # teacher cache: expert forwards per input, over 2 epochs and a second run

@@ -2,12 +2,15 @@
 
 Every row carries its task id and a row id: the task id says which expert it is scored
 against, the row id finds that expert's cached outputs (teachers are computed once, by the
-module, not by the data pipeline).
+module, not by the data pipeline). A batch also carries a ``BatchIndex``: where each task's rows
+are, known on the host, so the training step never reads the device to find them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -27,6 +30,30 @@ from .tasks import TaskSpec, as_label, as_reference, check_files, check_tasks, d
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class BatchIndex:
+    """Where each task's rows sit in a batch, built on the CPU by the collate.
+
+    Finding them on the device (``unique``, boolean masks) would stall the host on every step.
+    Lightning moves ``rows`` with the batch (asynchronously, as a dataclass field) and leaves the
+    ints on the host; picking rows by index tensor, unlike by boolean mask, needs no host sync.
+    """
+
+    task_ids: tuple[int, ...]  # the datamodule's task ids present, ascending
+    rows: tuple[torch.Tensor, ...]  # each of those tasks' positions in the batch, ascending (long)
+    row_ids: tuple[int, ...]  # every row's ``row_id``, in batch order
+
+    @classmethod
+    def of(cls, task_ids: Sequence[int], row_ids: Sequence[int]) -> BatchIndex:
+        """The index of a batch whose rows have these task and row ids (Python ints)."""
+        present = sorted(set(task_ids))
+        rows = tuple(
+            torch.tensor([i for i, t in enumerate(task_ids) if t == task], dtype=torch.long)
+            for task in present
+        )
+        return cls(tuple(present), rows, tuple(row_ids))
 
 
 class MergeDataModule(L.LightningDataModule):
@@ -213,8 +240,9 @@ class MergeDataModule(L.LightningDataModule):
             )
         return encoded.remove_columns("truncated")
 
-    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad model inputs; carry ``task_id``, ``row_id`` (and ``labels`` or ``references``)."""
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad model inputs; carry ``task_id``, ``row_id`` (and ``labels`` or ``references``) and
+        their ``BatchIndex`` (``index``)."""
         inputs = [{k: r[k] for k in MODEL_INPUTS if k in r} for r in rows]
         batch = dict(self.tokenizer.pad(inputs, return_tensors="pt"))
         for key in ("task_id", "row_id", "labels"):
@@ -222,6 +250,7 @@ class MergeDataModule(L.LightningDataModule):
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
         if "reference" in rows[0]:
             batch["references"] = [r["reference"] for r in rows]
+        batch["index"] = BatchIndex.of([r["task_id"] for r in rows], [r["row_id"] for r in rows])
         return batch
 
     def train_dataloader(self) -> ResumableLoader:

@@ -101,9 +101,11 @@ def combine_tasks(task_means: Tensor, weights: Tensor | None = None) -> Tensor:
 
 def batch_objective(sums: Tensor, counts: Tensor, weights: Tensor | None = None) -> Tensor:
     """The objective of a batch from each task's summed divergence and row count: the tasks
-    present in it (``counts > 0``), each by its mean, combined as ``combine_tasks``."""
+    present in it (``counts > 0``), each by its mean, combined as ``combine_tasks``. An absent task
+    adds an exact 0 (``torch.where``: a boolean index would wait for the device to count them)."""
     present = counts > 0
-    return combine_tasks(sums[present] / counts[present], None if weights is None else weights[present])
+    means = torch.where(present, sums / counts.clamp_min(1), 0.0)
+    return combine_tasks(means, None if weights is None else torch.where(present, weights, 0.0))
 
 
 Objective = Callable[[Tensor | None, Tensor], Tensor]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from datasets import Dataset
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 
 from .data import MergeDataModule
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """``batch`` on ``device`` as the Trainer moves it (its ``BatchIndex`` rows too)."""
+    return move_data_to_device(batch, device)
 
 
 class Evaluation:

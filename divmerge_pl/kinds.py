@@ -264,7 +264,8 @@ class CausalLMKind(TaskKind):
         """Each row's objective averaged over its expert's answer tokens."""
         teachers, rows = self.module.teachers, batch["row_id"]
         lengths = teachers.answer_len[rows]
-        width = int(lengths.max())
+        # the batch's widest answer, read on the host: the device's copy would cost a sync per step
+        width = int(teachers.host_answer_len[list(self.module.batch_index(batch).row_ids)].max())
         logits, mask = answer_logits(
             self.frozen.base_model,
             merged,
@@ -292,7 +293,7 @@ class CausalLMKind(TaskKind):
             )
         text = tokenizer.batch_decode(answers, skip_special_tokens=True)
         for t, rows in self.module.task_rows(batch):
-            picked = rows.nonzero().flatten().tolist()
+            picked = rows.tolist()  # generate has waited for the device already
             scores.update(t, [text[i] for i in picked], [batch["references"][i] for i in picked])
 
     def validation_outputs(

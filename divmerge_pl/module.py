@@ -23,10 +23,11 @@ from typing_extensions import override
 
 from .arguments import check_arguments
 from .coefficients import DEFAULT_BLOCK_PATTERN, Granularity, build_layout, initial_coefficients
-from .data import MODEL_INPUTS, MergeDataModule, checked_datamodule
+from .data import MODEL_INPUTS, BatchIndex, MergeDataModule, checked_datamodule
 from .divergences import batch_objective, get_objective, relative_weights
 from .evaluation import Evaluation, mean_divergences
 from .experts import load_experts
+from .finite import FiniteGuard, defers_check
 from .kinds import TaskKind, check_data_labels, check_prompts, task_kind
 from .lora import check_with_adapters
 from .methods import StaticMethod
@@ -139,6 +140,8 @@ class DivMergeModule(L.LightningModule):
         self.evaluation: Evaluation | None = None  # scores, once the experts load
         self.on_demand_ok = False  # set by prepare_teachers, once checked on this model
         self.gathered: dict[str, Tensor] | None = None  # sharded mode: see gathered_merge
+        self.expert_of: tuple[int, ...] = ()  # datamodule task id -> expert index, set by prepare_teachers
+        self.finite = FiniteGuard(self.tasks, objective)  # replaced by configure_optimizers
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -252,8 +255,7 @@ class DivMergeModule(L.LightningModule):
         if self.teachers is not None:
             return
         dm = self.merge_datamodule()
-        order = [self.tasks.index(name) for name in dm.task_names]
-        self.register_buffer("task_map", torch.tensor(order, device=self.device), persistent=False)
+        self.expert_of = tuple(self.tasks.index(name) for name in dm.task_names)
         self.on_demand_ok = self._on_demand_works(dm)
         self.teachers = self.kind.build_teachers(dm)
 
@@ -330,14 +332,26 @@ class DivMergeModule(L.LightningModule):
             )
         return works
 
-    def task_rows(self, batch: dict[str, Tensor]):
-        """``(task index, mask of its rows)`` for every task present in ``batch``."""
-        task_ids = self.task_map[batch["task_id"]]
-        for t in task_ids.unique().tolist():
-            yield t, task_ids == t
+    def batch_index(self, batch: dict[str, Any]) -> BatchIndex:
+        """Where each task's rows are: the collate's ``index``, or, for a batch made by hand, built
+        from its ``task_id`` and ``row_id`` (a host sync when those are on an accelerator)."""
+        if "index" in batch:
+            return batch["index"]
+        task_ids = batch["task_id"]
+        index = BatchIndex.of(task_ids.tolist(), batch["row_id"].tolist())
+        index.rows = tuple(rows.to(task_ids.device) for rows in index.rows)
+        return index
+
+    def task_rows(self, batch: dict[str, Any]):
+        """``(expert index, positions of its rows)`` for every task present in ``batch``, in expert
+        order; read from the host-side ``BatchIndex``, so nothing waits on the device."""
+        index = self.batch_index(batch)
+        experts = [self.expert_of[t] for t in index.task_ids]
+        yield from sorted(zip(experts, index.rows, strict=True), key=lambda pair: pair[0])
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.finite.check_every(self.global_step)
         name = self.hparams.objective
         task_sums: dict[int, Tensor] = {}
         counts = torch.zeros(len(self.tasks), device=self.device)
@@ -351,13 +365,7 @@ class DivMergeModule(L.LightningModule):
             counts = self.all_gather(counts).sum(dim=0)
         # DDP averages gradients over ranks, hence x world: the sum of per-task means, as on one device
         total = batch_objective(sums, counts, self.task_weights()) * world
-        if not torch.isfinite(total):  # stop before Adam writes NaN into the coefficients
-            bad = [self.tasks[t] for t in range(len(self.tasks)) if not torch.isfinite(sums[t])]
-            raise FloatingPointError(
-                f"step {self.global_step}: the {name} objective is not finite for task(s) {bad}; "
-                "the coefficients are still those of the last good step (saved in the checkpoint on "
-                "exception). Lower model.lr, or check the experts and inputs of those tasks"
-            )
+        self.finite.record(self.global_step, sums, total)  # never a NaN into the coefficients
         self.log("train/loss", total / world, prog_bar=True, batch_size=len(batch["task_id"]))
         # the epoch mean, for EarlyStopping(monitor="train/epoch_loss", check_on_train_epoch_end=True)
         self.log(
@@ -367,7 +375,21 @@ class DivMergeModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.coefficients], lr=self.hparams.lr)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        self.finite = FiniteGuard(self.tasks, self.hparams.objective, defers_check(self.device, scaler))
+        return torch.optim.Adam([self.coefficients], lr=self.hparams.lr, **self.finite.optimizer_options())
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.finite.skip_if_bad(self.global_step, optimizer)
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self.finite.check()
+
+    @override
+    def on_train_end(self) -> None:
+        self.finite.check()
 
     # ------------------------------------------------------------------ evaluation
     @override

@@ -116,6 +116,8 @@ class Teachers(nn.Module):
         self.register_buffer("logprobs", logprobs, persistent=False)
         for name, tensor in (("answer_ids", answer_ids), ("answer_len", answer_len), ("top_ids", top_ids)):
             self.register_buffer(name, tensor, persistent=False)
+        # a host copy, not a buffer: a step reads its batch's widest answer without a device sync
+        self.host_answer_len = None if answer_len is None else answer_len.cpu()
 
 
 def rows_of(rows: Dataset, task_id: int) -> Dataset:

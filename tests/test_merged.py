@@ -71,7 +71,7 @@ def test_backbone_once_then_heads_equals_a_forward_per_task(tiny):
     assert len(groups) == 2
     fast = module.kind.batch_logits(merged, batch)
     for (t, rows), (t2, _, logits) in zip(groups, fast, strict=True):
-        assert t == t2 and logits.shape == (int(rows.sum()), (2, 3)[t])
+        assert t == t2 and logits.shape == (len(rows), (2, 3)[t])
         torch.testing.assert_close(
             logits, per_task_logits(module, t, merged, batch, rows), atol=1e-5, rtol=1e-5
         )
