@@ -36,7 +36,7 @@ from .quiet import follow_trainer
 from .reports import coefficient_table
 from .resume import check_checkpoint, checkpoint_record
 from .selection import choose_settings
-from .sharding import Sharding, TaskVectorSharding, check_can_shard
+from .sharding import sharding_for
 from .static_merges import StaticMerge, transformed_vectors
 from .task_vectors import FixedDelta, FrozenExperts, check_strategy
 from .teachers import DEFAULT_CACHE, Teachers, token_fingerprint
@@ -189,7 +189,7 @@ class DivMergeModule(L.LightningModule):
             return
         h = self.hparams
         dtype = getattr(torch, h.task_vector_dtype)
-        sharding = self._sharding()
+        sharding = sharding_for(self._trainer, h, self.static_method)
         keep = None if sharding is None else sharding.part
         loaded = load_experts(h.base, dict(h.experts), dtype, allow_pickle=h.allow_pickle, keep=keep)
         transform = None
@@ -210,15 +210,6 @@ class DivMergeModule(L.LightningModule):
             f"DivMerge: {self.frozen.summary()}, {self.layout.num_groups} coefficient group(s) "
             f"per task ({h.granularity})"
         )
-
-    def _sharding(self) -> Sharding | None:
-        """This process's share of the frozen side, under ``TaskVectorSharding`` (on one process,
-        the whole of it, still gathered per module: what a one-GPU check can run)."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, TaskVectorSharding):
-            return None
-        check_can_shard(self.hparams, self.static_method)
-        return Sharding(strategy.root_device)
 
     def set_static_merge(self, merge: StaticMerge) -> None:
         """Fix the merge to ``merge``'s result (the experts loaded): how ``choose_settings`` tries

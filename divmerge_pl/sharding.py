@@ -15,9 +15,11 @@ never broadcast from rank 0, as DDP does with a model's state when it wraps it.
 from __future__ import annotations
 
 from itertools import chain
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -101,7 +103,17 @@ def frozen_state_names(model: nn.Module) -> list[str]:
     return [name for name, tensor in named if not tensor.requires_grad]
 
 
-def check_can_shard(hparams, static_method) -> None:
+def sharding_for(trainer: Trainer | None, hparams: Any, static_method: Any) -> Sharding | None:
+    """This process's share of the frozen side, under ``TaskVectorSharding`` (on one process, the
+    whole of it, still gathered per module: what a one-GPU check can run); what sharded mode
+    cannot do is refused first, before any model loads."""
+    if trainer is None or not isinstance(trainer.strategy, TaskVectorSharding):
+        return None
+    check_can_shard(hparams, static_method)
+    return Sharding(trainer.strategy.root_device)
+
+
+def check_can_shard(hparams: Any, static_method: Any) -> None:
     """What sharded mode does not do, refused before any model loads."""
     if static_method is not None:
         raise ValueError(

@@ -165,8 +165,14 @@ def test_one_sharded_process_learns_what_a_plain_run_learns(tiny, caplog):
     assert "sharded across 1 processes" in caplog.text
 
 
-def test_sharded_mode_refuses_what_needs_whole_vectors(tiny):
+def test_sharded_mode_refuses_what_needs_whole_vectors(tiny, monkeypatch):
+    from divmerge_pl import module as module_file
+    from divmerge_pl.cli import main
+
+    monkeypatch.setattr(module_file, "load_experts", lambda *a, **k: pytest.fail("models loaded"))
     config = write_config(tiny, tiny.root / "ties", epochs=1)
-    done = _fit(config, *SHARDED, "--model.init_args.task_vector_transform=ties")
-    assert done.returncode != 0
-    assert "task_vector_transform 'ties' with trainer.strategy task_vector_sharding" in done.stderr
+    sharded = ["--trainer.strategy=task_vector_sharding"]
+    with pytest.raises(ValueError, match="task_vector_transform 'ties' with trainer.strategy task_vector_sh"):
+        main(["fit", "--config", str(config), *sharded, "--model.init_args.task_vector_transform=ties"])
+    with pytest.raises(ValueError, match="merge_on_demand false with trainer.strategy task_vector_sharding"):
+        main(["fit", "--config", str(config), *sharded, "--model.init_args.merge_on_demand=false"])
