@@ -62,9 +62,18 @@ def minilm_config(num_labels: int = 2, tiny: bool = False) -> BertConfig:
     )
 
 
-def build_experts(root: Path, num_tasks: int, rows: int = 200, length: int = 48, tiny: bool = False) -> dict:
+def build_experts(
+    root: Path,
+    num_tasks: int,
+    rows: int = 200,
+    length: int = 48,
+    tiny: bool = False,
+    every_tensor: bool = False,
+) -> dict:
     """A base, ``num_tasks`` experts (base + noise on every tensor but the word embeddings, a new
-    head each) and ``rows`` unlabelled + 64 labelled rows per task; reused when present."""
+    head each) and ``rows`` unlabelled + 64 labelled rows per task; reused when present.
+    ``every_tensor``: the word embeddings get noise too (other experts, in their own folder), so
+    every tensor is a task vector, as after a full fine-tune."""
     root = root / "tiny" if tiny else root
     root.mkdir(parents=True, exist_ok=True)
     base = root / "base"
@@ -77,14 +86,14 @@ def build_experts(root: Path, num_tasks: int, rows: int = 200, length: int = 48,
     rng = random.Random(0)
     for t in range(num_tasks):
         name = f"task{t}"
-        folder = root / "experts" / name
+        folder = root / ("experts_every_tensor" if every_tensor else "experts") / name
         if not (folder / "model.safetensors").is_file():
             torch.manual_seed(100 + t)
             model = BertForSequenceClassification(minilm_config(num_labels=2 + t % 3, tiny=tiny))
             model.bert.load_state_dict(BertModel.from_pretrained(base).state_dict())
             with torch.no_grad():
                 for param_name, param in model.bert.named_parameters():
-                    if "word_embeddings" not in param_name:
+                    if every_tensor or "word_embeddings" not in param_name:
                         param.add_(0.01 * torch.randn_like(param))
             model.save_pretrained(folder)
         experts[name] = str(folder)

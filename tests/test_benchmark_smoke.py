@@ -52,8 +52,11 @@ def test_peer_benchmark_times_our_side_without_fusion_bench(tmp_path: Path):
         assert row["ratio"] == pytest.approx(row["ours_step_s"] / row["fusionbench_step_s"])
 
 
+SMALL_SHARDED = ("--sharded_tasks", "2", "--processes", "1,2")
+
+
 def test_memory_bfloat16_vectors_take_half_the_bytes(tmp_path: Path):
-    result = run_script("memory", tmp_path)
+    result = run_script("memory", tmp_path, *SMALL_SHARDED)
     fp32, bf16 = result["results"]
     assert (fp32["task_vector_dtype"], bf16["task_vector_dtype"]) == ("float32", "bfloat16")
     assert bf16["task_vector_bytes"] * 2 == fp32["task_vector_bytes"] > 0
@@ -81,7 +84,7 @@ def test_memory_lora_experts_hold_their_factors_not_dense_vectors(tmp_path: Path
     from common import minilm_config
     from transformers import BertForSequenceClassification
 
-    result = run_script("memory", tmp_path)
+    result = run_script("memory", tmp_path, *SMALL_SHARDED)
     shapes = linear_weights(BertForSequenceClassification(minilm_config(tiny=True)))
     lora = result["lora_vs_dense"]
     (row,) = lora["results"]
@@ -95,6 +98,42 @@ def test_memory_lora_experts_hold_their_factors_not_dense_vectors(tmp_path: Path
         row["dense_task_vector_bytes"] / row["lora_task_vector_bytes"]
     )
     assert row["lora_load_peak_added"] > 0 and row["dense_load_peak_added"] > 0
+
+
+def test_memory_sharded_ranks_hold_their_share_and_the_projection_adds_up(tmp_path: Path):
+    """--sharded alone: 1 and 2 gloo processes fit through Lightning; every tensor is a task
+    vector, each of 2 ranks holds (N + 1) / 2 of the cut tensors + the heads (within 1.15x),
+    half of what 1 process holds; the projection is the per-rank formula plus its assumptions,
+    and the other sections already in memory.json stay."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "memory.json").write_text(json.dumps({"machine": {}, "results": ["kept"]}))
+    result = run_script("memory", tmp_path, "--sharded", *SMALL_SHARDED)
+    assert result["results"] == ["kept"]
+    rows = result["sharded"]["results"]
+    ranks = [(r["processes"], r["rank"], r["sharded"]) for r in rows]
+    assert ranks == [(1, 0, False), (2, 0, True), (2, 1, True)]
+    single = rows[0]
+    for row in rows:
+        assert row["task_vector_fraction"] == 1.0 and row["tasks"] == 2
+        expected = 3 / row["processes"] * row["cut_bytes"] + row["head_bytes"]
+        assert row["formula_bytes"] == pytest.approx(expected)
+        assert 0.95 < row["held_over_formula"] < 1.15  # the last rank holds a row fewer
+        assert row["steps_peak_added"] > 0 and 0 < row["largest_module_bytes"] < row["cut_bytes"]
+    for row in rows[1:]:
+        assert row["held_bytes"] < 0.55 * single["held_bytes"]
+    projection = result["sharded"]["projection"]
+    assert projection["held_over_formula"] == max(r["held_over_formula"] for r in rows)
+    a = projection["assumptions"]
+    (seven_8_8,) = [r for r in projection["rows"] if (r["model"], r["tasks"], r["gpus"]) == ("7B", 8, 8)]
+    frozen = 6_738_415_616 * (a["base_bytes_per_param"] + 8 * a["task_vector_bytes_per_param"])
+    assert seven_8_8["frozen_per_gpu_ddp"] == frozen
+    assert seven_8_8["frozen_per_gpu_sharded"] == pytest.approx(projection["held_over_formula"] * frozen / 8)
+    assert seven_8_8["largest_module_gathered"] == a["largest_module_copies"] * 32000 * 4096 * 4
+    assert seven_8_8["export_per_gpu_sharded"] == pytest.approx(
+        seven_8_8["frozen_per_gpu_sharded"] + 6_738_415_616 * a["base_bytes_per_param"]
+    )
+    assert seven_8_8["sharded_fits"] and not seven_8_8["ddp_fits"]
 
 
 def test_lora_benchmark_trains_adapters_and_merges_them(tmp_path: Path):

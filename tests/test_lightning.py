@@ -359,19 +359,47 @@ def test_merge_on_fit_end_merges_a_users_own_expert(tiny, capsys):
     assert set(json.loads((out / "report.json").read_text())["tasks"]) == {"alpha", "beta"}
 
 
-@pytest.mark.parametrize(
-    "configs",
-    [["demo.yaml"], ["template.yaml"], ["demo.yaml", "ddp.yaml"], ["demo.yaml", "slurm/slurm.yaml"]],
-)
-def test_shipped_configs_parse(configs, capsys):
-    args = [a for c in configs for a in ("--config", str(REPO / "configs" / c))]
+def _printed_config(capsys, *args: str) -> dict:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *args, "--print_config"])
     assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["demo.yaml"],
+        ["template.yaml"],
+        ["demo.yaml", "ddp.yaml"],
+        ["demo.yaml", "slurm/slurm.yaml"],
+        ["demo.yaml", "sharded.yaml"],
+    ],
+)
+def test_shipped_configs_parse(configs, capsys):
+    printed = _printed_config(capsys, *[a for c in configs for a in ("--config", str(REPO / "configs" / c))])
     assert printed["model"]["class_path"] == "divmerge_pl.DivMergeModule"
     if len(configs) > 1:
         assert printed["trainer"]["strategy"]["init_args"]["broadcast_buffers"] is False
+
+
+def test_sharded_sbatch_keeps_the_sharded_strategy_over_slurm_settings(capsys):
+    """The sbatch's srun line, with the demo as its config: sharded.yaml's strategy replaces
+    slurm.yaml's DDP, slurm.yaml's GPU and precision stay, and the strategy's class resolves."""
+    from importlib import import_module
+
+    from divmerge_pl.sharding import TaskVectorSharding
+
+    (line,) = (REPO / "configs/slurm/sharded.sbatch").read_text().split("\nsrun ")[1:]
+    argv = line.replace("\\\n", " ").split()[2:]  # after "divmerge-pl fit"
+    argv = [str(REPO / "configs/demo.yaml") if a == '"$CONFIG"' else a for a in argv]
+    argv = [str(REPO / a) if a.startswith("configs/") else a for a in argv]
+    printed = _printed_config(capsys, *argv)
+    trainer = printed["trainer"]
+    module, _, name = trainer["strategy"]["class_path"].rpartition(".")
+    assert getattr(import_module(module), name) is TaskVectorSharding
+    assert trainer["strategy"]["init_args"]["process_group_backend"] is None
+    assert (trainer["accelerator"], trainer["precision"], int(trainer["devices"])) == ("gpu", "bf16-mixed", 8)
 
 
 def test_test_and_validate_log_under_their_own_prefixes(tiny):
