@@ -176,3 +176,25 @@ def test_sharded_mode_refuses_what_needs_whole_vectors(tiny, monkeypatch):
         main(["fit", "--config", str(config), *sharded, "--model.init_args.task_vector_transform=ties"])
     with pytest.raises(ValueError, match="merge_on_demand false with trainer.strategy task_vector_sharding"):
         main(["fit", "--config", str(config), *sharded, "--model.init_args.merge_on_demand=false"])
+
+
+def test_a_resumed_sharded_run_ends_like_an_unbroken_one(tiny):
+    """A SLURM requeue in sharded mode: the checkpoint holds Gamma and Adam only; every process
+    cuts its part again from the same files, and the run ends where an unbroken one does."""
+    from divmerge_pl.cli import main
+
+    from .test_resume import final_coefficients
+
+    main(["fit", "--config", str(write_config(tiny, tiny.root / "unbroken", epochs=2))])
+    folder = tiny.root / "broken"
+    first = _fit(write_config(tiny, folder, epochs=1), *SHARDED)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (checkpoint,) = folder.rglob("last.ckpt")
+    saved = torch.load(checkpoint, weights_only=False)
+    assert list(saved["state_dict"]) == ["coefficients"]  # no shard of anything
+    resumed = _fit(write_config(tiny, folder, epochs=2), *SHARDED, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {checkpoint}" in resumed.stderr + resumed.stdout
+    unbroken = final_coefficients(tiny.root / "unbroken")
+    assert not torch.allclose(unbroken, torch.full_like(unbroken, 0.5))
+    torch.testing.assert_close(final_coefficients(folder), unbroken, atol=1e-4, rtol=0)
