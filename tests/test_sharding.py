@@ -108,10 +108,28 @@ def test_each_rank_holds_its_part_and_gathers_the_whole_merge(tiny, tmp_path):
         assert result["held"] < 0.6 * result["whole_held"]
 
 
+# what Lightning sets in a process that ran a DDP-family strategy (the one-process tests here): a
+# child inheriting MASTER_PORT would try to listen where this process's store still does
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+@pytest.fixture
+def own_process_group(monkeypatch):
+    """A one-process fit's process group and environment, gone after the test."""
+    for key in DIST_ENV:
+        monkeypatch.delenv(key, raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key in DIST_ENV:
+        os.environ.pop(key, None)
+
+
 def _fit(config, *options: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     return subprocess.run(
         [sys.executable, "-m", "divmerge_pl.cli", "fit", "--config", str(config), *options],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
 
 
@@ -145,7 +163,7 @@ def test_two_sharded_processes_learn_what_one_process_learns(tiny):
             torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=0)
 
 
-def test_one_sharded_process_learns_what_a_plain_run_learns(tiny, caplog):
+def test_one_sharded_process_learns_what_a_plain_run_learns(tiny, caplog, own_process_group):
     """W = 1: the whole tensors, still merged through the DTensor gather (the one-GPU check)."""
     import logging
 
@@ -165,7 +183,7 @@ def test_one_sharded_process_learns_what_a_plain_run_learns(tiny, caplog):
     assert "sharded across 1 processes" in caplog.text
 
 
-def test_sharded_mode_refuses_what_needs_whole_vectors(tiny, monkeypatch):
+def test_sharded_mode_refuses_what_needs_whole_vectors(tiny, monkeypatch, own_process_group):
     from divmerge_pl import module as module_file
     from divmerge_pl.cli import main
 
