@@ -25,6 +25,15 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 RESULTS = Path(__file__).parent / "results"
 
 
+def proc_status(key: str) -> int:
+    """Bytes of a ``/proc/self/status`` field (``VmRSS``, ``VmHWM``): the memory benchmarks' child
+    processes read their own resident and peak sizes."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def add_common_args(parser: argparse.ArgumentParser, steps: int) -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default="2,4,8", help="numbers of experts, comma-separated")
     parser.add_argument("--steps", type=int, default=steps)

@@ -51,13 +51,8 @@ CHILD = r"""
 import json, os, sys
 import lightning as L, torch
 sys.path.insert(0, {bench!r})
-from common import build_experts
+from common import build_experts, proc_status as status
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
 
 setup = build_experts(__import__("pathlib").Path({root!r}), {n}, tiny={tiny})
 experts = dict(list(setup["experts"].items())[:{n}])
@@ -132,14 +127,9 @@ import json, sys
 from pathlib import Path
 import lightning as L, torch
 sys.path.insert(0, {bench!r})
-from common import build_experts
+from common import build_experts, proc_status as status
 from divmerge_pl import DivMergeModule, MergeDataModule, TaskSpec
 from divmerge_pl.sharding import TaskVectorSharding
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
 
 def frozen_side(frozen, world):
     # what is cut (every base tensor but the heads, at its whole shape), the heads (held whole)
