@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .coefficients import GRANULARITIES
 from .divergences import get_objective
 
 
@@ -15,8 +16,8 @@ def check_arguments(options: Mapping[str, Any]) -> None:
     max_new_tokens, top_k = options["max_new_tokens"], options["top_k"]
     teacher_temperature = options["teacher_temperature"]
     get_objective(objective)
-    if granularity not in ("task", "layer", "block"):
-        raise ValueError(f"granularity {granularity!r}: choose one of task, layer, block")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
     if not experts:
         raise ValueError("model.experts is empty: give at least one {task_name: folder}")
     if lr <= 0:

@@ -252,6 +252,7 @@ class MergedModelExport(L.Callback):
             card=card,
             adapters=adapters,
             adapter_card=adapter_cards(facts, adapters, module.coefficient_table()),
+            row_coefficients=module.row_coefficients(),
         )
         print_report(report, title=f"{report['method']} -> {folder}")
         log_report(loggers, report, step)

@@ -23,6 +23,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .adapter_export import ADAPTER_FOLDER, MergedAdapter, write_adapters
@@ -58,7 +60,8 @@ class ExportOptions:
 EXPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
-OUTPUT_NAMES = ("merged", ADAPTER_FOLDER, "coefficients.json", "report.json")
+ROW_COEFFICIENTS = "coefficients.safetensors"  # a channel layout's every row (coefficients.json: means)
+OUTPUT_NAMES = ("merged", ADAPTER_FOLDER, "coefficients.json", ROW_COEFFICIENTS, "report.json")
 
 
 class OutputExistsError(FileExistsError):
@@ -193,10 +196,12 @@ def write_outputs(
     card: Callable[[str], ModelCard] | None = None,
     adapters: Mapping[str, MergedAdapter] | None = None,
     adapter_card: Callable[[str], ModelCard] | None = None,
+    row_coefficients: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Path]:
     """``models`` None: no ``merged/`` (the coefficients and experts rebuild it); ``adapters``
-    (``adapter_export``): ``merged_adapter/`` too. Returns the merged folders written, by task
-    (``""``: the one causal LM)."""
+    (``adapter_export``): ``merged_adapter/`` too; ``row_coefficients`` (a channel layout's
+    [tasks x rows] per tensor): ``coefficients.safetensors``. Returns the merged folders written,
+    by task (``""``: the one causal LM)."""
     folder.mkdir(parents=True, exist_ok=True)
     check_free(folder, overwrite)
     written: dict[str, Path] = {}
@@ -210,6 +215,11 @@ def write_outputs(
         shutil.rmtree(folder / ADAPTER_FOLDER)
     if coefficients is not None:  # training-free methods have none of their own
         write_json(folder / "coefficients.json", coefficients)
+    if row_coefficients:
+        with atomic_file(folder / ROW_COEFFICIENTS) as tmp:
+            save_file({name: t.contiguous() for name, t in row_coefficients.items()}, str(tmp))
+    elif (folder / ROW_COEFFICIENTS).exists():  # overwriting: an earlier run's rows are not these
+        (folder / ROW_COEFFICIENTS).unlink()
     write_json(folder / "report.json", report)
     return written
 

@@ -21,9 +21,10 @@ from .coefficients import CoefficientLayout
 
 
 def merge_tensor(base: Tensor, stacked: Tensor, gamma: Tensor) -> Tensor:
-    """``base + sum_t gamma[t] * stacked[t]`` for one tensor: one fused contraction over tasks."""
+    """``base + sum_t gamma[t] * stacked[t]`` for one tensor: one fused contraction over tasks.
+    ``gamma`` is [tasks], or [tasks x rows] for one coefficient per row (the channel layout)."""
     if stacked.dtype == gamma.dtype:
-        delta = torch.tensordot(gamma, stacked, dims=1)
+        delta = torch.tensordot(gamma, stacked, dims=1) if gamma.dim() == 1 else _per_row(gamma, stacked)
     else:  # low-precision storage: upcast inside, keep only the stored vectors for backward
         delta = _UpcastCombination.apply(gamma, stacked)
     return base + delta.to(base.dtype)
@@ -42,6 +43,16 @@ def merge_tensors(
     }
 
 
+def _per_row(gamma: Tensor, stacked: Tensor) -> Tensor:
+    """``sum_t gamma[t, r] * stacked[t, r, ...]``: row ``r`` of every task vector by its own weight."""
+    return torch.einsum("tr,tr...->r...", gamma, stacked)
+
+
+def _rows_first(gamma_t: Tensor, like: Tensor) -> Tensor:
+    """One task's coefficient(s) shaped to broadcast over ``like`` (a vector: one per row)."""
+    return gamma_t if gamma_t.dim() == 0 else gamma_t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 class _UpcastCombination(torch.autograd.Function):
     """``sum_t gamma_t * tau_t`` in gamma's precision for bf16/fp16-stored ``tau``.
 
@@ -52,16 +63,18 @@ class _UpcastCombination(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gamma: Tensor, stacked: Tensor) -> Tensor:
         ctx.save_for_backward(stacked)
+        ctx.gamma_rows = gamma.dim() == 2
         delta = torch.zeros(stacked.shape[1:], dtype=gamma.dtype, device=stacked.device)
         for t in range(stacked.shape[0]):
-            delta.addcmul_(stacked[t], gamma[t])  # promotes in place: no upcast copy, no host sync
+            delta.addcmul_(stacked[t], _rows_first(gamma[t], delta))  # promotes in place: no upcast copy
         return delta
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (stacked,) = ctx.saved_tensors
-        grad_gamma = torch.stack(
-            [torch.mul(grad, stacked[t]).sum() for t in range(stacked.shape[0])]  # promotes: one temporary
+        dims = tuple(range(1 if ctx.gamma_rows else 0, grad.dim()))  # a row's weight: all but its row
+        grad_gamma = torch.stack(  # promotes: one temporary per task
+            [torch.mul(grad, stacked[t]).sum(dims) for t in range(stacked.shape[0])]
         )
         return grad_gamma, None
 

@@ -167,19 +167,19 @@ _SHARPENED = (
     _DIVMERGE.split(":")[0] + "'s settings with the experts' targets sharpened, softmax(log p / 0.5) "
     "(divmerge-pl's variant, no labels used)"
 )
-_FAMILIES["balanced"] = dict(
-    _FAMILIES["divmerge"], reference=_BALANCED, extra={"task_weighting": "relative"}
-)
-_FAMILIES["sharpened"] = dict(
-    _FAMILIES["divmerge"], reference=_SHARPENED, extra={"teacher_temperature": 0.5}
-)
+_FAMILIES["balanced"] = dict(_FAMILIES["divmerge"], reference=_BALANCED, extra={"task_weighting": "relative"})
+_FAMILIES["sharpened"] = dict(_FAMILIES["divmerge"], reference=_SHARPENED, extra={"teacher_temperature": 0.5})
 _TRANSFORMS = {"": "none", "_ties": "ties", "_dare": "dare"}
+CHANNEL = (
+    "one coefficient per task per row (output channel) of every merged tensor instead of per tensor "
+    "(divmerge-pl's variant: every channel keeps the experts it serves)"
+)
 
 
 def _learned() -> list[LearnedMethod]:
     methods = []
     for family, defaults in _FAMILIES.items():
-        for granularity in ("task", "layer", "block"):
+        for granularity in ("task", "layer", "block", "channel"):
             for suffix, transform in _TRANSFORMS.items():
                 names = [f"{family}_{granularity}{suffix}"]
                 if granularity == "layer":  # the family's default layout: AdaMerging's layer-wise
@@ -189,6 +189,8 @@ def _learned() -> list[LearnedMethod]:
                     if transform != "none"
                     else ""
                 )
+                if granularity == "channel":
+                    reference += f"; {CHANNEL}"
                 for name in names:
                     methods.append(
                         LearnedMethod(

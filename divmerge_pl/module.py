@@ -202,13 +202,19 @@ class DivMergeModule(L.LightningModule):
         self.evaluation = Evaluation(self)
         if self.static_merge is not None:
             self.set_static_merge(self.static_merge)
-        self.layout = build_layout(self.frozen.merged_names(), h.granularity, h.block_pattern)
-        self.coefficients = nn.Parameter(
-            initial_coefficients(len(self.tasks), self.layout.num_groups, h.init)
+        self.layout = build_layout(
+            self.frozen.merged_names(), h.granularity, h.block_pattern, self.frozen.rows()
         )
+        if h.granularity == "channel" and self.frozen.low_rank.names and not self.frozen.has_merge_vectors:
+            raise ValueError(
+                "model.granularity channel: LoRA experts are merged as factors, one coefficient per "
+                "task and tensor; choose task, layer or block for them"
+            )
+        self.coefficients = nn.Parameter(initial_coefficients(len(self.tasks), self.layout.width, h.init))
         rank_zero_info(
             f"DivMerge: {self.frozen.summary()}, {self.layout.num_groups} coefficient group(s) "
-            f"per task ({h.granularity})"
+            f"per task ({h.granularity}"
+            + (f": {self.layout.width} rows)" if self.layout.num_columns else ")")
         )
 
     def set_static_merge(self, merge: StaticMerge) -> None:
@@ -291,7 +297,7 @@ class DivMergeModule(L.LightningModule):
         """The LoRA factors' coefficients: Gamma, or a training-free method's fixed weights (None
         when its result holds the LoRA targets dense)."""
         if self.fixed_delta is not None:
-            return self.fixed_delta.low_rank_gamma(self.layout.num_groups)
+            return self.fixed_delta.low_rank_gamma(self.layout.width)
         return self.merge_coefficients()
 
     def low_rank(self):
@@ -411,6 +417,14 @@ class DivMergeModule(L.LightningModule):
     def coefficient_table(self) -> dict | None:
         """What ``coefficients.json`` holds (None for a training-free method)."""
         return coefficient_table(self)
+
+    def row_coefficients(self) -> dict[str, Tensor] | None:
+        """A channel layout's every coefficient, [tasks x rows] per merged tensor (None otherwise:
+        ``coefficients.json`` holds them all)."""
+        if self.static_merge is not None or not self.layout.num_columns:
+            return None
+        gamma = self.merge_coefficients().detach().cpu()
+        return {name: gamma[:, columns] for name, columns in self.layout.group_of.items()}
 
     @torch.no_grad()
     def merged_models(self):

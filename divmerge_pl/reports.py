@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .export import ROW_COEFFICIENTS
 from .methods import learned_label, learned_settings
 from .metrics import build_report
 
@@ -55,12 +56,14 @@ def coefficient_table(module: DivMergeModule) -> dict | None:
     if module.static_merge is not None:
         return None
     h = module.hparams
+    rows = {"rows": f"values: each tensor's mean over its rows; every row's in {ROW_COEFFICIENTS}"}
     return {
+        **(rows if module.layout.num_columns else {}),
         "objective": h.objective,
         "granularity": h.granularity,
         "task_vectors": h.task_vector_transform,
         "tasks": list(module.tasks),
         "groups": list(module.layout.groups),
         "clamp": h.clamp,
-        "values": module.merge_coefficients().detach().cpu().tolist(),
+        "values": module.layout.group_means(module.merge_coefficients().detach()).cpu().tolist(),
     }

@@ -132,6 +132,11 @@ class FrozenExperts(nn.Module):
             return list(self.names)
         return [name for name, _ in self.base_model.named_parameters() if name in merged]
 
+    def rows(self) -> dict[str, int]:
+        """Each merged tensor's number of rows (first dimension): the channel layout's columns."""
+        params = dict(self.base_model.named_parameters())
+        return {name: (self.shapes.get(name) or params[name].shape)[0] for name in self.merged_names()}
+
     def summary(self) -> str:
         """What is merged, for the log."""
         dense = sum(getattr(self, f"tau_{i}")[0].numel() for i in range(len(self.names)))
@@ -185,7 +190,12 @@ class FrozenExperts(nn.Module):
         each process merges its part, gathered)."""
         vectors, group = self.merge_vectors(), layout.group_of
         if self.sharding is not None:
-            merge = lambda name, part: merge_tensor(part, vectors[name], gamma[:, group[name]])  # noqa: E731
+            sharding = self.sharding
+
+            def merge(name: str, part: Tensor) -> Tensor:
+                own = gamma[:, group[name]]  # a channel layout's rows are cut as the tensor's
+                return merge_tensor(part, vectors[name], own if own.dim() == 1 else sharding.part(own, 1))
+
             return self._sharded(vectors, merge)
         base = self.base_tensors(self.merge_names)
         return lambda name: merge_tensor(base[name], vectors[name], gamma[:, group[name]])

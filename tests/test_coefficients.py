@@ -46,8 +46,25 @@ def test_block_granularity_with_custom_regex():
 def test_bad_regex_and_granularity_are_named():
     with pytest.raises(ValueError, match="block_pattern"):
         build_layout(NAMES, "block", block_pattern="(")
-    with pytest.raises(ValueError, match="task, layer, block"):
+    with pytest.raises(ValueError, match="task, layer, block, channel"):
         build_layout(NAMES, "tensor")
+    with pytest.raises(ValueError, match="number of rows"):
+        build_layout(NAMES, "channel", rows={NAMES[0]: 3})
+
+
+def test_channel_granularity_gives_each_row_of_each_tensor_its_own_column():
+    rows = {name: 2 + i for i, name in enumerate(NAMES)}
+    layout = build_layout(NAMES, "channel", rows=rows)
+    assert layout.groups == tuple(NAMES) and layout.width == sum(rows.values())
+    columns = [list(range(layout.width))[layout.group_of[n]] for n in NAMES]
+    assert [len(c) for c in columns] == [rows[n] for n in NAMES]  # each tensor's rows
+    assert sum(columns, []) == list(range(layout.width))  # in order, none shared, none left out
+    gamma = torch.arange(2.0 * layout.width).reshape(2, -1)
+    means = layout.group_means(gamma)
+    assert means.shape == (2, len(NAMES))
+    assert torch.equal(means[:, 1], gamma[:, columns[1]].mean(1))
+    layer = build_layout(NAMES, "layer")
+    assert layer.width == len(NAMES) and torch.equal(layer.group_means(gamma[:, :9]), gamma[:, :9])
 
 
 def test_initial_coefficients_default_to_one_over_n():

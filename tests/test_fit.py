@@ -69,7 +69,7 @@ def group_of(name: str, granularity: str, groups: list[str]) -> int:
     return groups.index(match.group(1) if match else "other")
 
 
-@pytest.mark.parametrize("granularity", ["task", "layer", "block"])
+@pytest.mark.parametrize("granularity", ["task", "layer", "block", "channel"])
 def test_fit_writes_outputs_whose_weights_are_base_plus_gamma_tau(tiny, granularity):
     before = {p: tree_digest(p) for p in [tiny.base, *tiny.experts.values()]}
     out = tiny.root / "run"
@@ -83,8 +83,17 @@ def test_fit_writes_outputs_whose_weights_are_base_plus_gamma_tau(tiny, granular
     gamma = torch.tensor(coefficients["values"])
     assert gamma.shape == (2, len(coefficients["groups"]))
     assert not torch.allclose(gamma, torch.full_like(gamma, 0.5))  # it learned something
-    expected_groups = {"task": 1, "layer": 38, "block": 3}[granularity]
+    expected_groups = {"task": 1, "layer": 38, "block": 3, "channel": 38}[granularity]
     assert len(coefficients["groups"]) == expected_groups
+    rows = None  # channel: every row's coefficients, [tasks x rows] per tensor
+    if granularity == "channel":
+        rows = load_file(run / "coefficients.safetensors")
+        assert list(rows) == sorted(coefficients["groups"])
+        means = torch.stack([rows[name].mean(1) for name in coefficients["groups"]], 1)
+        torch.testing.assert_close(gamma, means, atol=1e-6, rtol=0)
+        assert any(float(r.std(1).max()) > 1e-4 for r in rows.values())  # rows learned apart
+    else:
+        assert not (run / "coefficients.safetensors").exists()
 
     base = load_file(tiny.base / "model.safetensors")
     experts = {t: load_file(p / "model.safetensors") for t, p in tiny.experts.items()}
@@ -98,6 +107,11 @@ def test_fit_writes_outputs_whose_weights_are_base_plus_gamma_tau(tiny, granular
             taus = [experts[other][name] - theta0 for other in ["alpha", "beta"]]
             if not any(tau.any() for tau in taus):  # equal everywhere: not merged, stays base
                 assert torch.equal(value, theta0), name
+                continue
+            if rows is not None:
+                own = rows[name].reshape(2, -1, *[1] * (theta0.dim() - 1))
+                expected = theta0 + sum(own[s] * tau for s, tau in enumerate(taus))
+                assert torch.allclose(value, expected, atol=1e-5), name
                 continue
             g = group_of(name, granularity, coefficients["groups"])
             expected = theta0 + sum(gamma[s, g] * tau for s, tau in enumerate(taus))

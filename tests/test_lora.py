@@ -809,3 +809,9 @@ def test_merge_command_over_lora_experts_writes_the_full_models_merge(twin_setup
     assert reports[0]["method"] == "ties" and reports[0]["params"] == reports[1]["params"]
     for task, row in reports[1]["tasks"].items():
         assert reports[0]["tasks"][task] == pytest.approx(row, abs=1e-6), task
+
+
+def test_a_coefficient_per_row_is_refused_for_lora_experts_with_what_to_choose(bert_setup):
+    setup = bert_setup
+    with pytest.raises(ValueError, match="granularity channel: LoRA experts.*task, layer or block"):
+        fit(setup.model_args(teacher_cache=None, granularity="channel"), setup.task_specs(), setup.base, 1)

@@ -120,3 +120,41 @@ def test_low_precision_vectors_give_the_gradient_of_their_float32_upcast():
     assert torch.autograd.gradcheck(
         lambda g: merge_tensors(base, {"w": stacked}, g.unsqueeze(1), layout)["w"], (gamma,)
     )
+
+
+def test_channel_merge_weights_each_row_of_each_task_vector_by_its_own_coefficient():
+    base, taus = tensors(3)
+    layout = build_layout(list(base), "channel", rows={n: t.shape[0] for n, t in base.items()})
+    gamma = torch.randn(3, layout.width, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    merged = merge_tensors(base, taus, gamma, layout)
+    for name, value in merged.items():
+        own = gamma[:, layout.group_of[name]]  # [tasks x rows]
+        for r in range(value.shape[0]):
+            expected = base[name][r] + sum(own[t, r] * taus[name][t][r] for t in range(3))
+            torch.testing.assert_close(value[r], expected, atol=1e-6, rtol=0)
+    # a row's gradient is the inner product of the output's gradient with that row of its vector
+    weights = {n: torch.randn(t.shape, generator=torch.Generator().manual_seed(5)) for n, t in base.items()}
+    sum((merged[n] * weights[n]).sum() for n in base).backward()
+    for name in base:
+        columns = layout.group_of[name]
+        expected = (taus[name] * weights[name]).reshape(3, base[name].shape[0], -1).sum(-1)
+        torch.testing.assert_close(gamma.grad[:, columns], expected, atol=1e-5, rtol=0)
+    # equal rows are the layer layout's merge
+    layer = build_layout(list(base), "layer")
+    per_tensor = torch.tensor([[0.2, -0.5], [0.9, 0.3], [0.0, 1.1]])
+    rows = torch.cat([per_tensor[:, [g]].expand(-1, base[n].shape[0]) for g, n in enumerate(base)], 1)
+    for name, value in merge_tensors(base, taus, rows, layout).items():
+        torch.testing.assert_close(
+            value, merge_tensors(base, taus, per_tensor, layer)[name], atol=1e-6, rtol=0
+        )
+
+
+def test_low_precision_vectors_with_a_coefficient_per_row_give_their_float32_upcasts_gradient():
+    torch.manual_seed(1)
+    stacked = torch.randn(3, 5, 4).to(torch.bfloat16)
+    layout = build_layout(["w"], "channel", rows={"w": 5})
+    gamma = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    base = {"w": torch.zeros(5, 4, dtype=torch.float64)}
+    merged = merge_tensors(base, {"w": stacked}, gamma, layout)["w"]
+    torch.testing.assert_close(merged, (gamma[:, :, None] * stacked.double()).sum(0))
+    assert torch.autograd.gradcheck(lambda g: merge_tensors(base, {"w": stacked}, g, layout)["w"], (gamma,))

@@ -45,7 +45,9 @@ def test_parts_are_torch_chunk_parts(size, world):
     assert sum(e - s for s, e in (shard_bounds(size, r, world) for r in range(world))) == size
 
 
-def _rank_worker(rank: int, world: int, init_file: str, base: str, experts: dict, out: str) -> None:
+def _rank_worker(
+    rank: int, world: int, init_file: str, base: str, experts: dict, out: str, granularity: str
+) -> None:
     from divmerge_pl.coefficients import build_layout
     from divmerge_pl.experts import load_experts
     from divmerge_pl.sharding import Sharding
@@ -55,8 +57,8 @@ def _rank_worker(rank: int, world: int, init_file: str, base: str, experts: dict
     sharding = Sharding(torch.device("cpu"))
     whole = FrozenExperts(load_experts(base, experts))
     part = FrozenExperts(load_experts(base, experts, keep=sharding.part), sharding=sharding)
-    layout = build_layout(whole.merged_names(), "layer", "")
-    gamma = torch.linspace(-0.3, 0.9, 2 * layout.num_groups).reshape(2, -1)
+    layout = build_layout(whole.merged_names(), granularity, "", whole.rows())
+    gamma = torch.linspace(-0.3, 0.9, 2 * layout.width).reshape(2, -1)  # channel: a value per row
     g_whole, g_part = gamma.clone().requires_grad_(), gamma.clone().requires_grad_()
     make_whole, make_part = whole.merge_at(g_whole, layout), part.merge_at(g_part, layout)
     errors, loss_whole, loss_part = [], 0.0, 0.0
@@ -91,12 +93,13 @@ def _rank_worker(rank: int, world: int, init_file: str, base: str, experts: dict
     dist.destroy_process_group()
 
 
-def test_each_rank_holds_its_part_and_gathers_the_whole_merge(tiny, tmp_path):
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_each_rank_holds_its_part_and_gathers_the_whole_merge(tiny, tmp_path, granularity):
     """Two gloo processes: every gathered merged / expert tensor equals the unsharded one, Gamma's
     gradient summed over ranks equals the whole one's, and each rank holds about (N + 1) / W
-    models of the merged tensors."""
+    models of the merged tensors. Channel: each rank merges its rows with those rows' coefficients."""
     world, out = 2, str(tmp_path / "result")
-    args = (world, str(tmp_path / "init"), str(tiny.base), dict(tiny.experts), out)
+    args = (world, str(tmp_path / "init"), str(tiny.base), dict(tiny.experts), out, granularity)
     mp.spawn(_rank_worker, args=args, nprocs=world, join=True)
     results = [json.loads(open(f"{out}.{r}").read()) for r in range(world)]
     for result in results:
