@@ -110,13 +110,14 @@ def count_teacher_rows() -> tuple[list[int], callable]:
 
 # (granularity, merge_on_demand, other options): the default at both granularities, the whole
 # merged copy it replaced (so the cost of rebuilding each module's weights for backward is measured
-# in the same run), and the "Beyond the paper" variants at layer granularity
+# in the same run), and the "Beyond the paper" variants (at layer granularity, and channel's)
 VARIANTS = [
     ("task", True, {}),
     ("layer", True, {}),
     ("layer", False, {}),
     ("layer", True, {"task_weighting": "relative"}),
     ("layer", True, {"teacher_temperature": 0.5}),
+    ("channel", True, {}),
 ]
 
 

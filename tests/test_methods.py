@@ -32,7 +32,7 @@ def test_each_family_keeps_its_published_defaults():
         else:  # DivMerge: Adam 1e-2, init 1/N, unconstrained, 4 epochs
             assert (method.lr, method.init, method.clamp, method.epochs) == (1e-2, None, None, 4)
             assert method.objective == ("kl" if name.startswith("divmerge_kl") else "js")
-        layouts = [part for part in name.split("_") if part in ("task", "layer", "block")]
+        layouts = [part for part in name.split("_") if part in ("task", "layer", "block", "channel")]
         assert method.granularity == (layouts[0] if layouts else "layer")
         assert method.task_vector_transform == (
             "ties" if name.endswith("_ties") else "dare" if name.endswith("_dare") else "none"
