@@ -52,7 +52,9 @@ HERE = Path(__file__).parent
 # From 2026-12-06 (late) also the paper's forward-KL variant (KL does not saturate as JS does, so a
 # task the merge has given up keeps its gradient) and layer-wise JS over TIES vectors (TIES lifted
 # AdaMerging by 6 points at k = 3): candidates for "Beyond the paper", measured on every subset.
-BENCHMARK_METHODS = DEFAULT_METHODS + ",balanced_layer,sharpened_layer,divmerge_kl_layer,divmerge_layer_ties"
+BENCHMARK_METHODS = (
+    DEFAULT_METHODS + ",balanced_layer,sharpened_layer,divmerge_kl_layer,divmerge_layer_ties,divmerge_channel"
+)
 DEFAULT_TASKS = ",".join(
     ["bbc_news", "amazon_reviews", "trump_tweets", "rt_critics", "trivia_topic", "health_tweet_source"]
     + ["disaster_need", "crowdflower_sentiment"]
