@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -178,6 +179,10 @@ def console() -> None:
             raise
         sys.stderr.write(f"divmerge-pl: error: {err}\n(set DIVMERGE_TRACEBACK=1 for the traceback)\n")
         raise SystemExit(2) from None
+    finally:  # a DDP run's group ends here, not in the interpreter's teardown (where gloo's threads
+        # can abort a process that has finished its work: "terminate called without an active exception")
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(args: list[str] | None = None) -> Any:
