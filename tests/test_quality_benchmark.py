@@ -61,6 +61,21 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     assert "| divmerge_layer |" in (out / "results.md").read_text()
     assert (out / "anp_vs_k.png").stat().st_size > 1000
 
+    # a dropped method is never run again; its records are summarised beside the others
+    def must_not_run(method, *args, **kwargs):
+        raise AssertionError(f"{method} ran, but every record was there or the method is only reported")
+
+    unpatched = bench.run_method
+    monkeypatch.setattr(bench, "run_method", must_not_run)
+    argv_dropped = [*argv, "--methods", "average,ties", "--reported", "divmerge_layer,divmerge_task"]
+    again = bench.main(argv_dropped)
+    assert again["summary"]["anp"]["divmerge_layer"] == results["summary"]["anp"]["divmerge_layer"]
+    assert "divmerge_task" not in again["summary"]["anp"]  # reported, but never measured
+    assert again["settings"]["method_settings"]["divmerge_layer"]["reference"]
+    assert "| divmerge_layer |" in (out / "results.md").read_text()
+    assert "divmerge_task" not in (out / "results.md").read_text()
+    monkeypatch.setattr(bench, "run_method", unpatched)
+
     # merge inputs never overlap the rows the experts were fine-tuned on
     for task in ("bbc_news", "amazon_reviews"):
         config = yaml.safe_load((root / "runs" / "bbc_news+amazon_reviews" / "merge.yaml").read_text())

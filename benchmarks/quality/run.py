@@ -52,9 +52,11 @@ HERE = Path(__file__).parent
 # From 2026-12-06 (late) also the paper's forward-KL variant (KL does not saturate as JS does, so a
 # task the merge has given up keeps its gradient) and layer-wise JS over TIES vectors (TIES lifted
 # AdaMerging by 6 points at k = 3): candidates for "Beyond the paper", measured on every subset.
-BENCHMARK_METHODS = (
-    DEFAULT_METHODS + ",balanced_layer,sharpened_layer,divmerge_kl_layer,divmerge_layer_ties,divmerge_channel"
-)
+# From 2026-12-07 the variants that lost to divmerge_layer at every k of the first round are dropped
+# from the grid (issue "Beyond the paper": keep what wins, drop but report what does not): they are no
+# longer run, and their finished records are summarised beside the others (--reported).
+BENCHMARK_METHODS = DEFAULT_METHODS + ",divmerge_kl_layer,divmerge_channel"
+DROPPED_METHODS = "balanced_layer,sharpened_layer,divmerge_layer_ties"
 DEFAULT_TASKS = ",".join(
     ["bbc_news", "amazon_reviews", "trump_tweets", "rt_critics", "trivia_topic", "health_tweet_source"]
     + ["disaster_need", "crowdflower_sentiment"]
@@ -238,21 +240,31 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
 
 
 def compare_subset(
-    args, base: Path, experts: dict[str, Path], subset, methods: list[str], folder: Path, writer=None
+    args,
+    base: Path,
+    experts: dict[str, Path],
+    subset,
+    methods: list[str],
+    folder: Path,
+    writer=None,
+    reported: list[str] = (),
 ) -> dict:
     """Every method on one subset, through the harness of ``divmerge-pl compare`` (rows read and
     tokenised once). Each finished run is recorded under ``args.records`` (kept in the
     repository, so the benchmark resumes across sessions and machines) and reused while its key
-    (config, weights, method settings) is unchanged; a method added later runs alone."""
+    (config, weights, method settings) is unchanged; a method added later runs alone. A
+    ``reported`` method is never run: its record is read where one exists."""
     config = (writer or write_config)(args, base, experts, subset, args.inputs, folder / "merge.yaml")
     models = {"base": base, **{t: experts[t] for t in subset}}
     records = Path(args.records).expanduser() / "+".join(subset)
     reports, seconds, data = {}, {}, None
-    for method in methods:
+    for method in [*methods, *reported]:
         key = run_key(args, config, models, method)
         record = records / f"{method}.json"
         if record.is_file() and (saved := json.loads(record.read_text()))["key"] == key:
             reports[method], seconds[method] = saved["report"], saved["seconds"]
+            continue
+        if method in reported:
             continue
         out = folder / "methods" / method
         shutil.rmtree(out, ignore_errors=True)
@@ -276,7 +288,10 @@ def anp(report: dict) -> float:
     return 100 * report["average"]["normalized"]
 
 
-def summarise(values: list[float]) -> dict:
+def summarise(values: list[float]) -> dict | None:
+    """Mean, 95% half-interval and count; None where nothing was measured (a dropped variant)."""
+    if not values:
+        return None
     mean = statistics.fmean(values)
     half = (
         t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
@@ -296,10 +311,13 @@ def cosine_similarities(base: Path, experts: dict[str, Path]) -> dict[str, float
 def table(summary: dict, methods: list[str], ks: list[int]) -> str:
     lines = ["| method | " + " | ".join(f"k = {k}" for k in ks) + " | mean time per run (s) |"]
     lines.append("|---|" + "---:|" * (len(ks) + 1))
-    for method in methods:
+    for method in [m for m in methods if m in summary["anp"]]:
         cells = []
         for k in ks:
             cell = summary["anp"][method][str(k)]
+            if cell is None:
+                cells.append("-")
+                continue
             ci = f" +- {cell['ci95']:.1f}" if cell["ci95"] is not None else ""
             cells.append(f"{cell['anp']:.1f}{ci} ({cell['subsets']})")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {summary['seconds'][method]:.0f} |")
@@ -313,12 +331,13 @@ def plot(summary: dict, methods: list[str], ks: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    means = [summary["anp"][m][str(k)]["anp"] for m in methods for k in ks]
+    means = [cell["anp"] for m in methods for k in ks if (cell := summary["anp"][m][str(k)])]
     for i, method in enumerate(methods):
-        cells = [summary["anp"][method][str(k)] for k in ks]
+        measured = [k for k in ks if summary["anp"][method][str(k)]]
+        cells = [summary["anp"][method][str(k)] for k in measured]
         shift = 0.04 * (i - (len(methods) - 1) / 2)  # side by side, so the intervals stay readable
         ax.errorbar(
-            [k + shift for k in ks],
+            [k + shift for k in measured],
             [c["anp"] for c in cells],
             yerr=[c["ci95"] or 0 for c in cells],
             marker="o",
@@ -344,6 +363,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--tasks", default=DEFAULT_TASKS)
     parser.add_argument("--methods", default=BENCHMARK_METHODS)
+    parser.add_argument(
+        "--reported", default=DROPPED_METHODS, help="methods not run, summarised where their records exist"
+    )
     parser.add_argument("--num_tasks", type=int, default=7, help="tasks taken from the candidates")
     parser.add_argument("--min_margin", type=float, default=0.1, help="expert accuracy over majority rate")
     parser.add_argument("--root", default="~/.cache/divmerge_pl/quality_v2", help="data, experts, teachers")
@@ -399,6 +421,7 @@ def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer
     if len(tasks) < 2:
         raise SystemExit(f"only {tasks} passed the entry rule; give more --tasks")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    reported = [m.strip() for m in args.reported.split(",") if m.strip() and m.strip() not in methods]
     out = Path(args.out).expanduser()
     work = Path(args.root).expanduser() / "runs"
     bench_start = time.perf_counter()
@@ -409,7 +432,7 @@ def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer
             **{k: v for k, v in vars(args).items() if k != "out"},
             "input_split": "val: each task's held-out validation split, which its expert never trained on",
             "commit": git_commit(),
-            "method_settings": {m: get_method(m).settings() for m in methods},
+            "method_settings": {m: get_method(m).settings() for m in [*methods, *reported]},
         },
         "tasks": tasks,
         "experts": summaries,
@@ -427,21 +450,21 @@ def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer
             subset = plan[k][i]
             name = "+".join(subset)
             print(f"k={k}: {name}", flush=True)
-            comparison = compare_subset(args, base, experts, subset, methods, work / name, writer)
+            comparison = compare_subset(args, base, experts, subset, methods, work / name, writer, reported)
             results["runs"].append(
                 {
                     "k": k,
                     "tasks": list(subset),
-                    "anp": {m: anp(comparison["methods"][m]) for m in methods},
+                    "anp": {m: anp(report) for m, report in comparison["methods"].items()},
                     "seconds": comparison["seconds"],
                     "reports": comparison["methods"],
                 }
             )
-            write_results(out, results, methods, bench_start)
+            write_results(out, results, [*methods, *reported], bench_start)
         if i == min(args.subsets, len(plan[2])) - 1:  # once every k has its subsets
             run_sweep(args, base, experts, results, work, writer)
-            write_results(out, results, methods, bench_start)
-    print(results_table(results, methods))
+            write_results(out, results, [*methods, *reported], bench_start)
+    print(results_table(results, [*methods, *reported]))
     print(f"benchmark {results['benchmark_seconds']:.0f} s after the experts; wrote {out / 'results.json'}")
     return results
 
@@ -480,11 +503,13 @@ def write_results(out: Path, results: dict, methods: list[str], bench_start: flo
     """results.json, results.md and the plot, from the runs finished so far."""
     runs = results["runs"]
     ks = sorted({r["k"] for r in runs})
+    methods = [m for m in methods if any(m in r["anp"] for r in runs)]  # a reported one may have none
     results["summary"] = {
         "anp": {
-            m: {str(k): summarise([r["anp"][m] for r in runs if r["k"] == k]) for k in ks} for m in methods
+            m: {str(k): summarise([r["anp"][m] for r in runs if r["k"] == k and m in r["anp"]]) for k in ks}
+            for m in methods
         },
-        "seconds": {m: statistics.fmean(r["seconds"][m] for r in runs) for m in methods},
+        "seconds": {m: statistics.fmean(r["seconds"][m] for r in runs if m in r["seconds"]) for m in methods},
     }
     results["benchmark_seconds"] = round(time.perf_counter() - bench_start, 1)
     out.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(
         tasks=DEFAULT_TASKS, num_tasks=5, root="~/.cache/divmerge_pl/quality_lm", out=str(OUT),
         records=str(OUT / "records"), train_size=1000, val_size=400, test_size=200, finetune_epochs=6,
-        finetune_lr=5e-5, patience=1, max_length=96, sweep="",
+        finetune_lr=5e-5, patience=1, max_length=96, sweep="", reported="",
     )  # fmt: skip
     parser.add_argument("--max_new_tokens", type=int, default=4, help="longest greedy answer")
     parser.add_argument(
