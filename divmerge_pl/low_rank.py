@@ -43,10 +43,6 @@ class LowRankStack:
     scale_of_rank: Tensor  # R: that task's scaling
     fan_in_fan_out: bool = False
 
-    def coefficients(self, gamma: Tensor) -> Tensor:
-        """Per rank ``gamma[task] * scaling``, from ``gamma`` of shape [num_tasks]."""
-        return gamma.to(self.scale_of_rank.dtype)[self.task_of_rank] * self.scale_of_rank
-
 
 def stack_factors(per_task: Sequence[Mapping[str, LoraFactors]]) -> dict[str, LowRankStack]:
     """Target name -> its stack over tasks; a task without factors for a target adds no rank
@@ -121,10 +117,31 @@ class DenseTaskVectors(Mapping[str, Tensor]):
         return len(self.names)
 
 
+def folded_factors(
+    stack: LowRankStack, gamma: Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """One LoRA of rank R and scaling 1 equal to the stack's merge at ``gamma``: ``(A, B)`` with
+    ``B @ A = sum_t gamma_t s_t B_t A_t`` (a linear merge of adapters is itself an adapter).
+
+    ``gamma`` is [num_tasks] (one coefficient per task for this weight: B_t times ``gamma_t s_t``)
+    or [num_tasks, rows] (the channel layout: one per row of the weight as stored). A row is an
+    output of a ``Linear`` (d_out x d_in), so it scales B's rows; it is an input of GPT-2's
+    ``Conv1D`` (stored d_in x d_out), so it scales A's columns. Either way the merge stays rank R.
+    """
+    down, up = stack.down.to(dtype), stack.up.to(dtype) * stack.scale_of_rank.to(dtype)
+    per_rank = gamma.to(dtype)[stack.task_of_rank]  # [R] or [R, rows]
+    if per_rank.dim() == 1:
+        return down, up * per_rank
+    if stack.fan_in_fan_out:
+        return down * per_rank, up
+    return down, up * per_rank.T
+
+
 def low_rank_term(x: Tensor, stack: LowRankStack, gamma: Tensor) -> Tensor:
-    """``sum_t gamma_t s_t (x A_t^T) B_t^T``: x [..., d_in] -> [..., d_out], through rank R."""
-    hidden = x @ stack.down.to(x.dtype).T
-    return (hidden * stack.coefficients(gamma).to(x.dtype)) @ stack.up.to(x.dtype).T
+    """``sum_t gamma_t s_t (x A_t^T) B_t^T``: x [..., d_in] -> [..., d_out], through rank R
+    (``gamma`` per task, or per task and row: see ``folded_factors``)."""
+    down, up = folded_factors(stack, gamma, x.dtype)
+    return (x @ down.T) @ up.T
 
 
 def merged_linear(
@@ -139,16 +156,9 @@ def merged_linear(
 
 def merged_weight(weight: Tensor, stack: LowRankStack, gamma: Tensor) -> Tensor:
     """``W0 + sum_t gamma_t s_t B_t A_t``, dense, in the base weight's layout: for export."""
-    delta = (stack.up * stack.coefficients(gamma)) @ stack.down
+    down, up = folded_factors(stack, gamma)
+    delta = up @ down
     return weight + (delta.T if stack.fan_in_fan_out else delta).to(weight.dtype)
-
-
-def folded_factors(stack: LowRankStack, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """One LoRA of rank R and scaling 1 equal to the stack's merge at ``gamma``: ``(A, B)`` with
-    ``B @ A = sum_t gamma_t s_t B_t A_t``, A the tasks' A_t stacked and B their B_t each times
-    ``gamma_t s_t`` (a linear merge of adapters is itself an adapter: for export)."""
-    coefficients = stack.coefficients(gamma).to(torch.float32)
-    return stack.down.to(torch.float32), stack.up.to(torch.float32) * coefficients
 
 
 # ---------------------------------------------------------------- on a module
@@ -175,7 +185,7 @@ class LowRankExperts(nn.Module):
         }
 
 
-GammaOf = Callable[[str], Tensor]  # target weight name -> its [num_tasks] coefficients
+GammaOf = Callable[[str], Tensor]  # target weight name -> its [num_tasks] or [num_tasks, rows] coefficients
 
 
 @contextmanager

@@ -205,11 +205,6 @@ class DivMergeModule(L.LightningModule):
         self.layout = build_layout(
             self.frozen.merged_names(), h.granularity, h.block_pattern, self.frozen.rows()
         )
-        if h.granularity == "channel" and self.frozen.low_rank.names and not self.frozen.has_merge_vectors:
-            raise ValueError(
-                "model.granularity channel: LoRA experts are merged as factors, one coefficient per "
-                "task and tensor; choose task, layer or block for them"
-            )
         self.coefficients = nn.Parameter(initial_coefficients(len(self.tasks), self.layout.width, h.init))
         rank_zero_info(
             f"DivMerge: {self.frozen.summary()}, {self.layout.num_groups} coefficient group(s) "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 
 import lightning as L
 import pytest
@@ -161,6 +162,22 @@ def test_merged_linear_equals_dense_computation():
         merged_linear(x, weight.T, bias, t_stack["w"], gamma), x @ dense.T + bias, atol=1e-5, rtol=0
     )
     torch.testing.assert_close(merged_weight(weight.T, t_stack["w"], gamma), dense.T, atol=1e-6, rtol=0)
+
+    # the channel layout: one coefficient per task per row of the weight as stored (a Linear's
+    # output, a Conv1D's input), still through rank R
+    deltas = [low_rank_delta(f["w"].down, f["w"].up, f["w"].scaling) for f in factors]
+    rows = torch.randn(3, d_out)
+    dense = weight + sum(g[:, None] * delta for g, delta in zip(rows, deltas, strict=True))
+    torch.testing.assert_close(merged_weight(weight, stack, rows), dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        merged_linear(x, weight, bias, stack, rows), x @ dense.T + bias, atol=1e-5, rtol=0
+    )
+    rows = torch.randn(3, d_in)  # Conv1D: rows of the d_in x d_out weight
+    dense_t = weight.T + sum(g[:, None] * delta.T for g, delta in zip(rows, deltas, strict=True))
+    torch.testing.assert_close(merged_weight(weight.T, t_stack["w"], rows), dense_t, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        merged_linear(x, weight.T, bias, t_stack["w"], rows), x @ dense_t + bias, atol=1e-5, rtol=0
+    )
 
 
 def test_task_without_factors_adds_no_rank():
@@ -366,9 +383,11 @@ def bert_setup(tmp_path_factory) -> TinySetup:
     return TinySetup(root, base, experts, train, evals, labels)
 
 
-def test_fit_with_lora_experts_merges_their_factors(bert_setup):
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_fit_with_lora_experts_merges_their_factors(bert_setup, granularity):
     setup = bert_setup
-    module, data = fit(setup.model_args(teacher_cache=None), setup.task_specs(), setup.base, max_steps=3)
+    args = setup.model_args(teacher_cache=None, granularity=granularity)
+    module, data = fit(args, setup.task_specs(), setup.base, max_steps=3)
     frozen, tasks = module.frozen, list(module.tasks)
     base = dict(frozen.base_model.named_parameters())
     targets = [
@@ -411,7 +430,10 @@ def test_fit_with_lora_experts_merges_their_factors(bert_setup):
     for t, task in enumerate(tasks):
         params = dict(exported[task].named_parameters())
         for name in targets:  # W0 + Gamma_alpha tau_alpha + sum over LoRA tasks Gamma s B A
-            g = gamma[:, group[name]]
+            g = gamma[:, group[name]]  # [tasks], or [tasks, rows] for the channel layout
+            g = g[:, :, None] if g.dim() == 2 else g
+            if granularity == "channel":
+                assert g.shape == (3, base[name].shape[0], 1) and g[1].std() > 0  # rows learn apart
             want = base[name] + g[0] * frozen.task_vectors()[name][0]
             for s, other in enumerate(("beta", "gamma"), start=1):
                 if name in factors[other]:
@@ -626,7 +648,9 @@ def test_fit_with_lora_causal_lm_experts(tmp_path):
         loss.backward()
     assert module.coefficients.grad.abs().sum() > 0
     assert not targets & made.shapes, sorted(targets & made.shapes)
-    assert any(len(shape) == 3 and shape[-1] == 2 + 3 for shape in made.shapes)  # the rank-5 path ran
+    # the rank-5 path ran: tokens x rank made, beside the factors (a target's size x rank)
+    sizes = {size for shape in targets for size in shape}
+    assert any(shape[-1] == 2 + 3 and math.prod(shape[:-1]) not in sizes for shape in made.shapes)
 
 
 class ShapeRecorder(TorchDispatchMode):
@@ -809,9 +833,3 @@ def test_merge_command_over_lora_experts_writes_the_full_models_merge(twin_setup
     assert reports[0]["method"] == "ties" and reports[0]["params"] == reports[1]["params"]
     for task, row in reports[1]["tasks"].items():
         assert reports[0]["tasks"][task] == pytest.approx(row, abs=1e-6), task
-
-
-def test_a_coefficient_per_row_is_refused_for_lora_experts_with_what_to_choose(bert_setup):
-    setup = bert_setup
-    with pytest.raises(ValueError, match="granularity channel: LoRA experts.*task, layer or block"):
-        fit(setup.model_args(teacher_cache=None, granularity="channel"), setup.task_specs(), setup.base, 1)

@@ -15,6 +15,7 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from divmerge_pl import DivMergeModule, MergeDataModule, MergedModelExport, TaskSpec
@@ -44,15 +45,18 @@ def fit_and_export(model_args: dict, specs: list[dict], tokenizer, exports: list
     return module
 
 
-def by_hand(base_model, coefficients: dict, experts: dict) -> torch.nn.Module:
-    """``W0 + sum_t Gamma_t s_t B_t A_t`` from coefficients.json and peft's own reading of each
-    adapter (no code of ours), in ``base_model``."""
+def by_hand(base_model, coefficients: dict, experts: dict, rows: dict | None = None) -> torch.nn.Module:
+    """``W0 + sum_t Gamma_t s_t B_t A_t`` from coefficients.json (or, for the channel layout,
+    coefficients.safetensors' ``rows``: Gamma_t per row) and peft's own reading of each adapter
+    (no code of ours), in ``base_model``."""
     gamma, groups = torch.tensor(coefficients["values"]), coefficients["groups"]
     params = dict(base_model.named_parameters())
     with torch.no_grad():
         for t, task in enumerate(coefficients["tasks"]):
             for name, (down, up, scaling) in lora_reference(experts[task]).items():
                 g = gamma[t, groups.index(name) if len(groups) > 1 else 0]
+                if rows is not None:
+                    g = rows[name][t][:, None]
                 params[name] += g * scaling * (up @ down)
     return base_model
 
@@ -62,7 +66,7 @@ def adapter_tensors(folder) -> dict[str, str]:
         return {name: handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
 
 
-@pytest.mark.parametrize("granularity", ["task", "layer"])
+@pytest.mark.parametrize("granularity", ["task", "layer", "channel"])
 def test_classification_adapters_merge_into_one_adapter_per_task(
     bert_setup,  # noqa: F811 (the fixture)
     tmp_path,
@@ -104,7 +108,10 @@ def test_classification_adapters_merge_into_one_adapter_per_task(
             reference = AutoModelForSequenceClassification.from_pretrained(setup.base, num_labels=k)
             reference.classifier.load_state_dict({n: head[f"classifier.modules_to_save.default.{n}"]
                                                   for n in ("weight", "bias")})  # fmt: skip
-            hand = by_hand(reference, coefficients, setup.experts).eval()(**inputs).logits
+            rows = load_file(out / "coefficients.safetensors") if granularity == "channel" else None
+            if rows is not None:  # rows learned apart, so a merge by their mean would differ
+                assert all(rows[name][0].std() > 0 for name in module.frozen.low_rank.names)
+            hand = by_hand(reference, coefficients, setup.experts, rows).eval()(**inputs).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(got, hand, atol=1e-5, rtol=0)
         torch.testing.assert_close(
@@ -124,7 +131,8 @@ def test_classification_adapters_merge_into_one_adapter_per_task(
             assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
 
 
-def test_causal_lm_adapters_merge_into_one_adapter(tmp_path, umask_022):
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_causal_lm_adapters_merge_into_one_adapter(tmp_path, umask_022, granularity):
     base = tmp_path / "base"
     make_lm(base, "llama", seed=0)
     experts, train, evals = {}, {}, {}
@@ -138,8 +146,11 @@ def test_causal_lm_adapters_merge_into_one_adapter(tmp_path, umask_022):
     lm = TinyLM(tmp_path, base, experts, train, evals)
     plain, bf16 = tmp_path / "plain", tmp_path / "bf16"
     exports = [MergedModelExport(dirpath=str(plain)), MergedModelExport(dirpath=str(bf16), dtype="bfloat16")]
-    fit_and_export(lm.model_args(teacher_cache=None, granularity="layer"), lm.task_specs(), base, exports)
+    fit_and_export(lm.model_args(teacher_cache=None, granularity=granularity), lm.task_specs(), base, exports)
     coefficients = json.loads((plain / "coefficients.json").read_text())
+    rows = load_file(plain / "coefficients.safetensors") if granularity == "channel" else None
+    if rows is not None:  # rows learned apart, so a merge by their mean would differ
+        assert all(any(r[t].std() > 0 for r in rows.values()) for t in range(len(coefficients["tasks"])))
     folder = plain / "merged_adapter"
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(base)
@@ -159,7 +170,9 @@ def test_causal_lm_adapters_merge_into_one_adapter(tmp_path, umask_022):
         got = adapter(**inputs).logits
         want = AutoModelForCausalLM.from_pretrained(plain / "merged").eval()(**inputs).logits
         hand = (
-            by_hand(AutoModelForCausalLM.from_pretrained(base), coefficients, experts).eval()(**inputs).logits
+            by_hand(AutoModelForCausalLM.from_pretrained(base), coefficients, experts, rows)
+            .eval()(**inputs)
+            .logits
         )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got, hand, atol=1e-5, rtol=0)
