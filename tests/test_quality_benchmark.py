@@ -74,6 +74,7 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     assert again["settings"]["method_settings"]["divmerge_layer"]["reference"]
     assert "| divmerge_layer |" in (out / "results.md").read_text()
     assert "divmerge_task" not in (out / "results.md").read_text()
+    assert "Not run any more (`--reported`): divmerge_layer." in (out / "results.md").read_text()
     monkeypatch.setattr(bench, "run_method", unpatched)
 
     # merge inputs never overlap the rows the experts were fine-tuned on

@@ -496,7 +496,16 @@ def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: P
 
 def results_table(results: dict, methods: list[str]) -> str:
     ks = sorted({r["k"] for r in results["runs"]})
-    return table(results["summary"], methods, ks)
+    text = table(results["summary"], methods, ks)
+    reported = results["settings"].get("reported", "").split(",")
+    dropped = [m for m in reported if m in results["summary"]["anp"]]
+    if dropped:  # their cells cover fewer subsets than the rows above: say so under the table
+        text += (
+            f"\nNot run any more (`--reported`): {', '.join(dropped)}. Their cells average only the "
+            "subsets they ran on (the count in brackets), so compare them with the rows above on those "
+            "subsets (`records/`), not with the rows' means.\n"
+        )
+    return text
 
 
 def write_results(out: Path, results: dict, methods: list[str], bench_start: float) -> None:
