@@ -34,6 +34,17 @@ def test_a_file_appears_whole_with_the_umask_mode_and_replaces_the_old_one(tmp_p
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
 
 
+def test_a_file_a_library_writes_0600_still_appears_with_the_umask_mode(tmp_path: Path, umask_022):
+    """safetensors' ``save_file`` replaces the temporary by a 0600 file of its own."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "coefficients.safetensors"
+    with atomic_file(path) as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    assert mode(path) == 0o644
+
+
 def test_an_error_while_writing_a_file_leaves_the_old_one_and_no_temporary(tmp_path: Path):
     path = tmp_path / "out.json"
     path.write_text("old")
