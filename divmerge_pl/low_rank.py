@@ -128,13 +128,16 @@ def folded_factors(
     output of a ``Linear`` (d_out x d_in), so it scales B's rows; it is an input of GPT-2's
     ``Conv1D`` (stored d_in x d_out), so it scales A's columns. Either way the merge stays rank R.
     """
-    down, up = stack.down.to(dtype), stack.up.to(dtype) * stack.scale_of_rank.to(dtype)
-    per_rank = gamma.to(dtype)[stack.task_of_rank]  # [R] or [R, rows]
+    # products in float32 (the factors may be stored in bf16), one rounding to ``dtype`` at the end
+    down, up = stack.down.float(), stack.up.float() * stack.scale_of_rank.float()
+    per_rank = gamma.float()[stack.task_of_rank]  # [R] or [R, rows]
     if per_rank.dim() == 1:
-        return down, up * per_rank
-    if stack.fan_in_fan_out:
-        return down * per_rank, up
-    return down, up * per_rank.T
+        up = up * per_rank
+    elif stack.fan_in_fan_out:
+        down = down * per_rank
+    else:
+        up = up * per_rank.T
+    return down.to(dtype), up.to(dtype)
 
 
 def low_rank_term(x: Tensor, stack: LowRankStack, gamma: Tensor) -> Tensor:
