@@ -396,8 +396,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def names(text: str) -> list[str]:
+    """A comma-separated option's entries, blanks dropped (``--tasks``, ``--methods``, ``--sweep``...)."""
+    return [entry.strip() for entry in text.split(",") if entry.strip()]
+
+
 def chosen_tasks(args: argparse.Namespace) -> list[str]:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = names(args.tasks)
     if args.quick:
         tasks, args.subsets, args.sweep = tasks[:3], 1, ""
     if len(tasks) < 2:
@@ -420,8 +425,8 @@ def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer
     tasks = list(experts)
     if len(tasks) < 2:
         raise SystemExit(f"only {tasks} passed the entry rule; give more --tasks")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    reported = [m.strip() for m in args.reported.split(",") if m.strip() and m.strip() not in methods]
+    methods = names(args.methods)
+    reported = [m for m in names(args.reported) if m not in methods]
     out = Path(args.out).expanduser()
     work = Path(args.root).expanduser() / "runs"
     bench_start = time.perf_counter()
@@ -472,7 +477,7 @@ def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer
 def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: Path, writer=None) -> None:
     """Layer-level JS on the largest subset with fewer or more unlabelled inputs per task."""
     largest = results["inputs_sweep"]["tasks"]
-    for inputs in [int(x) for x in args.sweep.split(",") if x.strip()]:
+    for inputs in [int(x) for x in names(args.sweep)]:
         same = [r for r in results["runs"] if r["tasks"] == largest and "divmerge_layer" in r["anp"]]
         if inputs == args.inputs and same:  # the very run the comparison made: not run twice
             results["inputs_sweep"]["anp"][str(inputs)] = same[0]["anp"]["divmerge_layer"]
@@ -497,7 +502,7 @@ def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: P
 def results_table(results: dict, methods: list[str]) -> str:
     ks = sorted({r["k"] for r in results["runs"]})
     text = table(results["summary"], methods, ks)
-    reported = results["settings"].get("reported", "").split(",")
+    reported = names(results["settings"].get("reported", ""))
     dropped = [m for m in reported if m in results["summary"]["anp"]]
     if dropped:  # their cells cover fewer subsets than the rows above: say so under the table
         text += (
