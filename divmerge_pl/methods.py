@@ -17,7 +17,7 @@ from .coefficients import Granularity
 from .static_merges import STATIC_MERGES, StaticMerge, build_static_merge
 
 Objective = Literal["js", "kl", "entropy"]
-Transform = Literal["none", "ties", "dare"]
+Transform = Literal["none", "ties", "dare", "tsv"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,14 @@ _STATIC = [
         {"scale": TA_SCALES},
         "Yu et al. 2024: drop p = 0.9 and rescale, then task arithmetic with its scale chosen on validation",
     ),
+    StaticMethod(
+        "tsv",
+        {"scale": 1.0},
+        {"scale": [0.5, 0.75, 1.0, 1.25, 1.5]},
+        "Gargiulo et al. 2025 (Task Singular Vectors): each task's top 1/N singular vectors of every "
+        "matrix, made orthogonal across tasks, summed; alpha = 1 as published, with validation data "
+        "alpha in 0.5..1.5",
+    ),
 ]
 
 _DIVMERGE = (
@@ -169,7 +177,7 @@ _SHARPENED = (
 )
 _FAMILIES["balanced"] = dict(_FAMILIES["divmerge"], reference=_BALANCED, extra={"task_weighting": "relative"})
 _FAMILIES["sharpened"] = dict(_FAMILIES["divmerge"], reference=_SHARPENED, extra={"teacher_temperature": 0.5})
-_TRANSFORMS = {"": "none", "_ties": "ties", "_dare": "dare"}
+_TRANSFORMS = {"": "none", "_ties": "ties", "_dare": "dare", "_tsv": "tsv"}
 CHANNEL = (
     "one coefficient per task per row (output channel) of every merged tensor instead of per tensor "
     "(divmerge-pl's variant: every channel keeps the experts it serves)"

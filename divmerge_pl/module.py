@@ -58,7 +58,7 @@ class DivMergeModule(L.LightningModule):
         init: float | None = None,
         clamp: tuple[float, float] | None = None,
         teacher_cache: str | None = str(DEFAULT_CACHE),
-        task_vector_transform: Literal["none", "ties", "dare"] = "none",
+        task_vector_transform: Literal["none", "ties", "dare", "tsv"] = "none",
         density: float = 0.2,
         trim_scope: Literal["model", "tensor"] = "model",
         drop_rate: float = 0.9,
@@ -86,8 +86,9 @@ class DivMergeModule(L.LightningModule):
             clamp: ``[low, high]``: the merge uses the coefficients clipped to this range
                 (AdaMerging's [0, 1]); None: unconstrained, as DivMerge's paper.
             teacher_cache: folder caching expert outputs across runs; None to disable.
-            task_vector_transform: learn coefficients over ``ties`` (trimmed, sign-elected) or
-                ``dare`` (randomly dropped, rescaled) task vectors instead of the raw ones
+            task_vector_transform: learn coefficients over ``ties`` (trimmed, sign-elected),
+                ``dare`` (randomly dropped, rescaled) or ``tsv`` (each matrix's top 1/N singular
+                vectors, made orthogonal across tasks) task vectors instead of the raw ones
                 (AdaMerging++). Teachers stay the real experts.
             density: fraction of each task vector kept by ``ties`` (TIES paper: 0.2).
             trim_scope: ``ties`` trims over each task's whole vector (``model``, the TIES paper's)

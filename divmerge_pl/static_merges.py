@@ -196,6 +196,46 @@ def dare_task_vectors(vectors: TaskVectors, drop_rate: float = 0.9, seed: int = 
     return dict(dropped(vectors, drop_rate, seed).items())
 
 
+def decorrelate_matrix(stacked: Tensor, fraction: float | None = None) -> Tensor:
+    """TSV's per-task parts of one matrix [tasks, m, n] (Gargiulo et al. 2025, "Task Singular
+    Vectors"): each task keeps its top ``fraction`` (1/tasks by default) of singular triplets, and
+    the tasks' singular vectors, side by side, are replaced by the nearest orthogonal ones
+    (polar factor), so the parts no longer interfere; their sum is TSV-Merge's delta."""
+    tasks, rows, cols = stacked.shape
+    keep = max(1, int(min(rows, cols) * (fraction if fraction is not None else 1.0 / tasks)))
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    u, s, vh = u[..., :keep], s[..., :keep], vh[..., :keep, :]
+    left = u.permute(1, 0, 2).reshape(rows, tasks * keep)  # [m, tasks * keep]
+    right = vh.reshape(tasks * keep, cols)  # [tasks * keep, n]
+    left = _polar(left)
+    right = _polar(right.T).T
+    left = left.reshape(rows, tasks, keep).permute(1, 0, 2)
+    right = right.reshape(tasks, keep, cols)
+    return (left * s[:, None, :]) @ right
+
+
+def _polar(matrix: Tensor) -> Tensor:
+    """The orthonormal-columned matrix nearest ``matrix`` (``P Q^T`` of its thin SVD)."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def tsv_task_vectors(vectors: TaskVectors, fraction: float | None = None) -> dict[str, Tensor]:
+    """Per-task TSV vectors: every matrix decorrelated (``decorrelate_matrix``); vectors and
+    biases, which have no singular vectors, as they are (stacked)."""
+    return _per_tensor(vectors, lambda _n, s: decorrelate_matrix(s, fraction) if s.dim() == 3 else s)
+
+
+def tsv_merge(vectors: TaskVectors, scale: float = 1.0) -> dict[str, Tensor]:
+    """TSV-Merge (Gargiulo et al. 2025): ``scale`` x the sum of the tasks' decorrelated parts of
+    every matrix, and x the mean of the tensors that have no singular vectors (as its code)."""
+
+    def merged(stacked: Tensor) -> Tensor:
+        return scale * (decorrelate_matrix(stacked).sum(dim=0) if stacked.dim() == 3 else stacked.mean(dim=0))
+
+    return _per_tensor(vectors, lambda _n, s: merged(s))
+
+
 def average(vectors: TaskVectors) -> dict[str, Tensor]:
     """Uniform weight averaging of the experts (Wortsman et al. 2022, model soups)."""
     return _per_tensor(vectors, lambda _n, s: s.mean(dim=0))
@@ -337,7 +377,16 @@ class Dare(StaticMerge):
         return dare(vectors, self.drop_rate, self.then, self.scale, self.density, self.seed, self.scope)
 
 
-STATIC_MERGES: dict[str, type[StaticMerge]] = {m.name: m for m in (Average, TaskArithmetic, Ties, Dare)}
+@dataclass(frozen=True)
+class Tsv(StaticMerge):
+    name: ClassVar[str] = "tsv"
+    scale: float = 1.0
+
+    def merge(self, vectors: TaskVectors) -> dict[str, Tensor]:
+        return tsv_merge(vectors, self.scale)
+
+
+STATIC_MERGES: dict[str, type[StaticMerge]] = {m.name: m for m in (Average, TaskArithmetic, Ties, Dare, Tsv)}
 
 
 def build_static_merge(name: str, **params) -> StaticMerge:
@@ -360,4 +409,6 @@ def transformed_vectors(
         return ties_task_vectors(vectors, density, scope)
     if transform == "dare":
         return dare_task_vectors(vectors, drop_rate, seed)
+    if transform == "tsv":
+        return tsv_task_vectors(vectors)
     return None

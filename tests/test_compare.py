@@ -14,6 +14,7 @@ from divmerge_pl import DivMergeModule
 from divmerge_pl.cli import main
 from divmerge_pl.divergences import masked_mean
 from divmerge_pl.merged import merge_tensors
+from divmerge_pl.static_merges import decorrelate_matrix
 
 from .conftest import build_setup, per_task_logits
 from .test_fit import fit_module, run_dir, write_config
@@ -142,6 +143,20 @@ def test_learned_merge_over_ties_vectors_uses_them(tiny):
     assert (kept_per_task <= 0.2 * total + 1).all()
     # teachers are still the real experts
     torch.testing.assert_close(ties.teachers.logprobs, raw.teachers.logprobs)
+
+
+def test_learned_merge_over_tsv_vectors_uses_each_tasks_decorrelated_part(tiny):
+    raw = fit_module(tiny, {"alpha": 2, "beta": 3}, max_steps=0)[0]
+    tsv = fit_module(tiny, {"alpha": 2, "beta": 3}, max_steps=0, task_vector_transform="tsv")[0]
+    original = raw.frozen.task_vectors()
+    matrices = 0
+    for name, stacked in tsv.frozen.merge_vectors().items():
+        expected = original[name].double()
+        if expected.dim() == 3:  # [tasks, rows, cols]: its decorrelated parts; others as they are
+            expected, matrices = decorrelate_matrix(expected), matrices + 1
+        torch.testing.assert_close(stacked.double(), expected, atol=1e-5, rtol=1e-4)
+    assert matrices > 0
+    torch.testing.assert_close(tsv.teachers.logprobs, raw.teachers.logprobs)  # still the real experts
 
 
 def test_f1_is_macro_f1(tmp_path):

@@ -562,7 +562,7 @@ def test_linear_merges_of_lora_experts_form_no_dense_target(twin_setups, caplog)
             assert module.fixed_delta.names == []  # nothing dense: the adapters save only heads
 
 
-@pytest.mark.parametrize("transform", ["ties", "dare"])
+@pytest.mark.parametrize("transform", ["ties", "dare", "tsv"])
 def test_learned_merge_over_transformed_lora_experts_equals_full_models(twin_setups, transform):
     """``task_vector_transform`` (AdaMerging++) over LoRA experts: their targets' transformed
     vectors are dense, as their full models', and the learned merge follows the same path."""

@@ -34,12 +34,12 @@ def test_each_family_keeps_its_published_defaults():
             assert method.objective == ("kl" if name.startswith("divmerge_kl") else "js")
         layouts = [part for part in name.split("_") if part in ("task", "layer", "block", "channel")]
         assert method.granularity == (layouts[0] if layouts else "layer")
-        assert method.task_vector_transform == (
-            "ties" if name.endswith("_ties") else "dare" if name.endswith("_dare") else "none"
-        )
+        suffix = name.rsplit("_", 1)[-1]
+        assert method.task_vector_transform == (suffix if suffix in ("ties", "dare", "tsv") else "none")
     assert METHODS["ties"].params == {"density": 0.2, "scale": 1.0, "scope": "model"}
     assert METHODS["task_arithmetic"].params == {"scale": 0.3}
     assert METHODS["dare"].params["drop_rate"] == 0.9
+    assert METHODS["tsv"].params == {"scale": 1.0}  # TSV-Merge's alpha
     assert set(METHODS["ties"].grid) == {"density", "scale"}
     assert all(m.reference for m in METHODS.values())
 

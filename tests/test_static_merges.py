@@ -11,6 +11,7 @@ from divmerge_pl.static_merges import (
     build_static_merge,
     dare_drop,
     dare_task_vectors,
+    decorrelate_matrix,
     disjoint_mean,
     elect_sign,
     model_trim_thresholds,
@@ -19,6 +20,7 @@ from divmerge_pl.static_merges import (
     ties_task_vectors,
     trim_top_k,
     trimmed,
+    tsv_task_vectors,
 )
 
 
@@ -182,3 +184,50 @@ def test_dare_then_ties_reads_the_dropped_vectors_lazily_and_as_before():
         vectors
     )
     assert all(torch.equal(got[n], want[n]) for n in vectors)
+
+
+def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))[0]
+
+
+def test_tsv_parts_of_tasks_in_orthogonal_subspaces_are_their_truncated_svds():
+    # each task's kept singular vectors lie in subspaces no other task keeps: the polar step has
+    # nothing to change, so each part is its task's top-(1/tasks) truncation (4 of 6 here)
+    g = torch.Generator().manual_seed(0)
+    left, right = _orthonormal(20, 20, g), _orthonormal(12, 12, g)
+    singular = torch.tensor([9.0, 7.0, 5.0, 3.0, 0.5, 0.25], dtype=torch.float64)
+    matrices, truncated = [], []
+    for t in range(3):
+        u = left[:, 6 * t : 6 * t + 6]
+        dropped = right[:, (4 * t + 4) % 12 : (4 * t + 4) % 12 + 2]  # another task's: orthogonal to its own
+        v = torch.cat([right[:, 4 * t : 4 * t + 4], dropped], dim=1)
+        matrices.append(u @ torch.diag(singular * (t + 1)) @ v.T)
+        truncated.append(u[:, :4] @ torch.diag(singular[:4] * (t + 1)) @ v[:, :4].T)
+    assert_close(decorrelate_matrix(torch.stack(matrices)), torch.stack(truncated), rtol=0, atol=1e-10)
+
+
+def test_tsv_parts_do_not_interfere_and_drop_the_small_singular_values():
+    g = torch.Generator().manual_seed(1)
+    stacked = torch.randn(3, 30, 16, generator=g, dtype=torch.float64)
+    parts = decorrelate_matrix(stacked)
+    keep = 16 // 3
+    for t in range(3):
+        assert torch.linalg.matrix_rank(parts[t]) == keep
+        # each part keeps its task's top singular values exactly (polar factors are orthonormal)
+        top = torch.linalg.svdvals(stacked[t])[:keep]
+        assert_close(torch.linalg.svdvals(parts[t])[:keep], top, rtol=1e-9, atol=1e-9)
+        for other in range(t + 1, 3):  # mutually orthogonal row and column spaces
+            assert parts[t].T.matmul(parts[other]).abs().max() < 1e-9
+            assert parts[t].matmul(parts[other].T).abs().max() < 1e-9
+
+
+def test_tsv_task_vectors_decorrelate_matrices_and_keep_vectors():
+    g = torch.Generator().manual_seed(2)
+    vectors = {"w": torch.randn(2, 8, 6, generator=g), "b": torch.randn(2, 8, generator=g)}
+    out = tsv_task_vectors(vectors)
+    assert torch.equal(out["b"], vectors["b"])
+    assert_close(out["w"], decorrelate_matrix(vectors["w"]))
+    assert not torch.allclose(out["w"], vectors["w"])
+    merged = build_static_merge("tsv", scale=0.5).merge(vectors)  # TSV-Merge: parts summed, the rest averaged
+    assert_close(merged["w"], 0.5 * out["w"].sum(dim=0))
+    assert_close(merged["b"], 0.5 * vectors["b"].mean(dim=0))
