@@ -140,10 +140,10 @@ _STATIC = [
     StaticMethod(
         "tsv",
         {"scale": 1.0},
-        {"scale": [0.5, 0.75, 1.0, 1.25, 1.5]},
+        {"scale": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]},
         "Gargiulo et al. 2025 (Task Singular Vectors): each task's top 1/N singular vectors of every "
         "matrix, made orthogonal across tasks, summed; alpha = 1 as published, with validation data "
-        "alpha in 0.5..1.5",
+        "alpha in 0.5..2.0",
     ),
 ]
 
@@ -183,6 +183,11 @@ CHANNEL = (
     "(divmerge-pl's variant: every channel keeps the experts it serves)"
 )
 
+TSV_START = (
+    "init 1: starts at TSV-Merge (each task's decorrelated part at its published alpha = 1), not at "
+    "1/N of parts that are made to be summed (divmerge-pl's variant)"
+)
+
 
 def _learned() -> list[LearnedMethod]:
     methods = []
@@ -199,13 +204,17 @@ def _learned() -> list[LearnedMethod]:
                 )
                 if granularity == "channel":
                     reference += f"; {CHANNEL}"
+                start = {}
+                if transform == "tsv":  # the parts are made to be summed: start at TSV-Merge itself
+                    start = {"init": 1.0}
+                    reference += f"; {TSV_START}"
                 for name in names:
                     methods.append(
                         LearnedMethod(
                             name,
                             granularity=granularity,
                             task_vector_transform=transform,
-                            **{**defaults, "reference": reference},
+                            **{**defaults, **start, "reference": reference},
                         )  # fmt: skip
                     )
     return methods

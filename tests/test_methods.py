@@ -25,12 +25,15 @@ def test_each_family_keeps_its_published_defaults():
     for name, method in METHODS.items():
         if method.kind != "learned":
             continue
+        # over TSV's decorrelated parts every family starts at TSV-Merge (each part at alpha = 1)
+        tsv = name.endswith("_tsv")
         if name.startswith("adamerging"):  # Yang et al. 2024 and its code; DivMerge Table 9: 5 epochs
             assert (method.objective, method.lr, method.init, method.clamp, method.epochs) == (
-                "entropy", 1e-3, 0.3, (0.0, 1.0), 5,
+                "entropy", 1e-3, 1.0 if tsv else 0.3, (0.0, 1.0), 5,
             )  # fmt: skip
         else:  # DivMerge: Adam 1e-2, init 1/N, unconstrained, 4 epochs
-            assert (method.lr, method.init, method.clamp, method.epochs) == (1e-2, None, None, 4)
+            init = 1.0 if tsv else None
+            assert (method.lr, method.init, method.clamp, method.epochs) == (1e-2, init, None, 4)
             assert method.objective == ("kl" if name.startswith("divmerge_kl") else "js")
         layouts = [part for part in name.split("_") if part in ("task", "layer", "block", "channel")]
         assert method.granularity == (layouts[0] if layouts else "layer")

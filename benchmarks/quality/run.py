@@ -55,7 +55,13 @@ HERE = Path(__file__).parent
 # From 2026-12-07 the variants no better than divmerge_layer on the first round (below it at every
 # k >= 3, within 0.1 at k = 2) leave the grid (issue "Beyond the paper": keep what wins, drop but
 # report what does not): no longer run, their finished records summarised beside the others.
-BENCHMARK_METHODS = DEFAULT_METHODS + ",divmerge_kl_layer,divmerge_channel"
+# From 2026-12-07 (morning) also TSV-Merge (Gargiulo et al. 2025), the strongest training-free
+# method of the literature since the paper, beside the other baselines, and layer- and channel-wise
+# JS over its decorrelated parts, started at TSV-Merge (94.1 and 90.2 at k = 7's first subset).
+BENCHMARK_METHODS = (
+    DEFAULT_METHODS.replace(",dare,", ",dare,tsv,", 1)
+    + ",divmerge_kl_layer,divmerge_channel,divmerge_layer_tsv,divmerge_channel_tsv"
+)
 DROPPED_METHODS = "balanced_layer,sharpened_layer,divmerge_layer_ties"
 DEFAULT_TASKS = ",".join(
     ["bbc_news", "amazon_reviews", "trump_tweets", "rt_critics", "trivia_topic", "health_tweet_source"]
