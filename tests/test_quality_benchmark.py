@@ -75,6 +75,9 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     assert "| divmerge_layer |" in (out / "results.md").read_text()
     assert "divmerge_task" not in (out / "results.md").read_text()
     assert "Not run any more (`--reported`): divmerge_layer." in (out / "results.md").read_text()
+    # --tabulate runs nothing, not even a method without a record, and summarises every record
+    tabulated = bench.main([*argv, "--methods", "average,ties,divmerge_layer,divmerge_task", "--tabulate"])
+    assert tabulated["summary"]["anp"] == results["summary"]["anp"]
     monkeypatch.setattr(bench, "run_method", unpatched)
 
     # merge inputs never overlap the rows the experts were fine-tuned on

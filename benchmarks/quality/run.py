@@ -259,7 +259,8 @@ def compare_subset(
     tokenised once). Each finished run is recorded under ``args.records`` (kept in the
     repository, so the benchmark resumes across sessions and machines) and reused while its key
     (config, weights, method settings) is unchanged; a method added later runs alone. A
-    ``reported`` method is never run: its record is read where one exists."""
+    ``reported`` method (every method, under ``--tabulate``) is never run: its record is read
+    where one exists."""
     config = (writer or write_config)(args, base, experts, subset, args.inputs, folder / "merge.yaml")
     models = {"base": base, **{t: experts[t] for t in subset}}
     records = Path(args.records).expanduser() / "+".join(subset)
@@ -270,7 +271,7 @@ def compare_subset(
         if record.is_file() and (saved := json.loads(record.read_text()))["key"] == key:
             reports[method], seconds[method] = saved["report"], saved["seconds"]
             continue
-        if method in reported:
+        if method in reported or args.tabulate:
             continue
         out = folder / "methods" / method
         shutil.rmtree(out, ignore_errors=True)
@@ -393,6 +394,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="first 3 tasks, 1 subset per k, no sweep")
     parser.add_argument(
+        "--tabulate",
+        action="store_true",
+        help="run nothing: results from the records as they stand (a stopped run's hold what it reached)",
+    )
+    parser.add_argument(
         "--fit_option",
         dest="extra_options",
         action="append",
@@ -494,6 +500,8 @@ def run_sweep(args, base: Path, experts: dict[str, Path], results: dict, work: P
         record = Path(args.records).expanduser() / f"sweep_{inputs}.json"
         if record.is_file() and (saved := json.loads(record.read_text()))["key"] == key:
             score = saved["anp"]
+        elif args.tabulate:
+            continue
         else:
             shutil.rmtree(folder, ignore_errors=True)
             options = [*args.extra_options, f"--trainer.default_root_dir={folder}"]
