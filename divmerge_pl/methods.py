@@ -140,10 +140,10 @@ _STATIC = [
     StaticMethod(
         "tsv",
         {"scale": 1.0},
-        {"scale": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]},
+        {"scale": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0]},
         "Gargiulo et al. 2025 (Task Singular Vectors): each task's top 1/N singular vectors of every "
         "matrix, made orthogonal across tasks, summed; alpha = 1 as published, with validation data "
-        "alpha in 0.5..2.0",
+        "alpha in 0.5..3.0",
     ),
 ]
 
@@ -222,7 +222,7 @@ def _learned() -> list[LearnedMethod]:
 
 METHODS: dict[str, Method] = {m.name: m for m in [*_STATIC, *_learned()]}
 DEFAULT_METHODS = (
-    "average,task_arithmetic,ties,dare,adamerging_task,adamerging_layer,adamerging_layer_ties,"
+    "average,task_arithmetic,ties,dare,tsv,adamerging_task,adamerging_layer,adamerging_layer_ties,"
     "divmerge_task,divmerge_layer,divmerge_block"
 )
 

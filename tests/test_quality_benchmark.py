@@ -136,6 +136,11 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     assert key != bench.run_key(
         args, config, {**models, "bbc_news": root / "experts" / "amazon_reviews"}, "ties"
     )
+    # a run with other fit options (e.g. one epoch) never lends its record to a plain run
+    one_epoch = type("Args", (), {"root": str(root), "extra_options": ["--trainer.max_epochs=1"]})()
+    assert bench.run_key(one_epoch, config, models, "ties") != key
+    no_options = type("Args", (), {"root": str(root), "extra_options": []})()
+    assert bench.run_key(no_options, config, models, "ties") == key
     record = json.loads((records / "bbc_news+amazon_reviews" / "ties.json").read_text())
     assert record["weights"] == bench.weight_digests(
         {**models, "amazon_reviews": root / "experts" / "amazon_reviews"}

@@ -59,8 +59,7 @@ HERE = Path(__file__).parent
 # method of the literature since the paper, beside the other baselines, and layer- and channel-wise
 # JS over its decorrelated parts, started at TSV-Merge (94.1 and 90.2 at k = 7's first subset).
 BENCHMARK_METHODS = (
-    DEFAULT_METHODS.replace(",dare,", ",dare,tsv,", 1)
-    + ",divmerge_kl_layer,divmerge_channel,divmerge_layer_tsv,divmerge_channel_tsv"
+    DEFAULT_METHODS + ",divmerge_kl_layer,divmerge_channel,divmerge_layer_tsv,divmerge_channel_tsv"
 )
 DROPPED_METHODS = "balanced_layer,sharpened_layer,divmerge_layer_ties"
 DEFAULT_TASKS = ",".join(
@@ -165,14 +164,16 @@ def run_key(args, config: Path, models: dict[str, Path], method: str | None) -> 
     """What a run's result depends on: its config (root written as <root>, so a record made on
     another machine or session still matches), the base's weights and each expert's recipe
     (``model_digest``), and the method's resolved settings. A record is reused only when its key
-    is this key: experts retrained with other settings or data, or a registry default changed,
-    run again."""
+    is this key: experts retrained with other settings or data, a registry default changed, or
+    other ``--fit_option`` values, run again."""
     root = str(Path(args.root).expanduser())
     parts = {
         "config": config.read_text().replace(root, "<root>"),
         "models": {name: model_digest(path) for name, path in sorted(models.items())},
         "method": get_method(method).settings() if method else None,
     }
+    if options := getattr(args, "extra_options", None):  # absent from plain runs' keys: theirs still hold
+        parts["fit_options"] = list(options)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
