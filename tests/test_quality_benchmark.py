@@ -78,6 +78,12 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     # --tabulate runs nothing, not even a method without a record, and summarises every record
     tabulated = bench.main([*argv, "--methods", "average,ties,divmerge_layer,divmerge_task", "--tabulate"])
     assert tabulated["summary"]["anp"] == results["summary"]["anp"]
+    # the run time it reports is the records' (the runs'), not the tabulation's own
+    saved_runs = (records / "bbc_news+amazon_reviews").glob("*.json")
+    recorded = [json.loads(f.read_text())["seconds"] for f in saved_runs]
+    assert len(recorded) == len(methods)
+    assert tabulated["method_seconds"] == pytest.approx(sum(recorded), abs=0.1)
+    assert tabulated["method_seconds"] > tabulated["benchmark_seconds"]
     monkeypatch.setattr(bench, "run_method", unpatched)
 
     # merge inputs never overlap the rows the experts were fine-tuned on

@@ -483,7 +483,10 @@ def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer
             run_sweep(args, base, experts, results, work, writer)
             write_results(out, results, [*methods, *reported], bench_start)
     print(results_table(results, [*methods, *reported]))
-    print(f"benchmark {results['benchmark_seconds']:.0f} s after the experts; wrote {out / 'results.json'}")
+    print(
+        f"benchmark {results['benchmark_seconds']:.0f} s after the experts (its methods' runs, every "
+        f"session: {results.get('method_seconds', 0) / 3600:.2f} h); wrote {out / 'results.json'}"
+    )
     return results
 
 
@@ -540,7 +543,9 @@ def write_results(out: Path, results: dict, methods: list[str], bench_start: flo
         },
         "seconds": {m: statistics.fmean(r["seconds"][m] for r in runs if m in r["seconds"]) for m in methods},
     }
-    results["benchmark_seconds"] = round(time.perf_counter() - bench_start, 1)
+    results["benchmark_seconds"] = round(time.perf_counter() - bench_start, 1)  # this invocation's
+    # what the grid's runs took, whichever session ran them (a resumed run's wall time is only its own)
+    results["method_seconds"] = round(sum(sum(r["seconds"].values()) for r in runs), 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_table(results, methods))
