@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from divmerge_pl import DivMergeModule
 from divmerge_pl.cli import main
-from divmerge_pl.methods import METHODS, get_method, learned_name
+from divmerge_pl.methods import DEFAULT_METHODS, METHODS, get_method, learned_name
 from divmerge_pl.run_cli import build_run
 
 from .conftest import build_setup, write_rows
@@ -43,6 +43,10 @@ def test_each_family_keeps_its_published_defaults():
     assert METHODS["task_arithmetic"].params == {"scale": 0.3}
     assert METHODS["dare"].params["drop_rate"] == 0.9
     assert METHODS["tsv"].params == {"scale": 1.0}  # TSV-Merge's alpha
+    # its validation grid holds the published alpha and reaches past the demo's choice (2.0)
+    assert 1.0 in METHODS["tsv"].grid["scale"] and max(METHODS["tsv"].grid["scale"]) > 2.0
+    # compare's default list holds every baseline family, the strongest (tsv) included
+    assert {"average", "task_arithmetic", "ties", "dare", "tsv"} <= set(DEFAULT_METHODS.split(","))
     assert set(METHODS["ties"].grid) == {"density", "scale"}
     assert all(m.reference for m in METHODS.values())
 
