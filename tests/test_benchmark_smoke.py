@@ -34,6 +34,8 @@ def test_step_cost_counts_one_expert_forward_per_input_then_none(tmp_path: Path)
         ("layer", True, {"task_weighting": "relative"}),
         ("layer", True, {"teacher_temperature": 0.5}),
         ("channel", True, {}),
+        ("layer", True, {"task_vector_transform": "tsv"}),
+        ("channel", True, {"task_vector_transform": "tsv"}),
     ]
     for row in result["results"]:
         assert row["ratio"] == pytest.approx(row["divmerge_step_s"] / row["plain_step_s"])
