@@ -7,6 +7,7 @@ GGUF needs the ``gguf`` and ``accelerate`` packages (``pip install -e ".[lm-demo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from ..answers import generate_answers
-from ..atomic import atomic_folder
+from ..atomic import atomic_file, atomic_folder
 from ..metrics import normalize_answer
 from ..tasks import TaskSpec
 from .datamodule import DemoDataModule
@@ -71,8 +72,21 @@ def _prompt_ids(tokenizer, task: TaskSpec, rows: list[dict], max_length: int) ->
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def autocast(device: str | torch.device, precision: str):
+    """Lightning's ``bf16-mixed`` outside a Trainer: float32 weights, bfloat16 matmuls (on CPUs
+    with AMX about twice as fast as float32 for SmolLM2's fine-tuning steps)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, task: TaskSpec, rows: list[dict], max_length: int) -> float:
+def answer_accuracy(
+    model, tokenizer, task: TaskSpec, rows: list[dict], max_length: int, precision: str = "32-true"
+) -> float:
     """Greedy label-word accuracy, as DivMergeModule scores it."""
     model.eval()
     correct = 0
@@ -81,17 +95,66 @@ def answer_accuracy(model, tokenizer, task: TaskSpec, rows: list[dict], max_leng
         batch = tokenizer.pad(
             {"input_ids": _prompt_ids(tokenizer, task, chunk, max_length)}, return_tensors="pt"
         ).to(model.device)
-        answers, _ = generate_answers(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            4,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-        )
+        with autocast(model.device, precision):
+            answers, _ = generate_answers(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                4,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+            )
         for text, row in zip(tokenizer.batch_decode(answers, skip_special_tokens=True), chunk, strict=True):
             correct += normalize_answer(text) == normalize_answer(task.label_words[row["label"]])
     return correct / len(rows)
+
+
+def epoch_state_file(out_dir: Path) -> Path:
+    """Where a fine-tuning keeps its state after each epoch, beside the expert's folder."""
+    return out_dir.with_name(f".{out_dir.name}.epochs.pt")
+
+
+def run_identity(base: Path, task_dir: Path, settings: dict) -> dict:
+    """What an epoch state belongs to: a state saved for other settings, data or base is never
+    resumed (it is overwritten)."""
+    files = [task_dir / "train.jsonl", task_dir / "val.jsonl", base / "config.json"]
+    return {
+        "settings": settings,
+        "files": {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
+    }
+
+
+def save_epoch_state(path: Path, identity: dict, epochs_done: int, seconds: float, parts: dict) -> None:
+    """``parts``: the stateful pieces (model, optimiser, schedule, a generator) and plain values."""
+    state = {
+        "identity": identity,
+        "epochs_done": epochs_done,
+        "seconds": seconds,
+        "rng": torch.get_rng_state(),
+    }
+    for name, part in parts.items():
+        if isinstance(part, torch.Generator):
+            state[name] = part.get_state()
+        else:
+            state[name] = part.state_dict() if hasattr(part, "state_dict") else part
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_epoch_state(path: Path, identity: dict, parts: dict, device: str) -> dict | None:
+    """Restore ``parts`` from ``path`` if it was saved for ``identity``; the state, else None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state["identity"] != identity:
+        return None
+    for name, part in parts.items():
+        if isinstance(part, torch.Generator):
+            part.set_state(state[name])
+        elif hasattr(part, "load_state_dict"):
+            part.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"])
+    return state
 
 
 def finetune_lm_expert(
@@ -110,15 +173,26 @@ def finetune_lm_expert(
     test_rows: int = 100,
     show_progress: bool = True,
     device: str = "cpu",
+    precision: str = "32-true",
 ) -> dict:
     """Fine-tune ``base`` to answer ``prompt`` with the row's label word and EOS (loss on the
     answer only; embeddings, and the LM head tied to them, frozen); save to ``out_dir``.
 
     With ``patience``, up to ``epochs`` epochs with early stopping on the greedy accuracy of the
     first ``val_rows`` rows of ``val.jsonl``: the best epoch's weights are kept (converged
-    experts, as a user would train them); without it, exactly ``epochs`` epochs."""
+    experts, as a user would train them); without it, exactly ``epochs`` epochs.
+
+    The state after each epoch (weights, optimiser, schedule, random streams, val scores) is kept
+    in ``epoch_state_file(out_dir)`` (loaded without pickle code): a run killed mid-way (an
+    expert is hours on CPUs, longer than a session) goes on from its last finished epoch and ends
+    with the weights of an unbroken run."""
     if (out_dir / "finetune.json").is_file():
         return json.loads((out_dir / "finetune.json").read_text())
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length,
+                "seed": seed, "patience": patience, "val_rows": val_rows}  # fmt: skip
+    if precision != "32-true":  # float32 experts keep the recipe (and records) they had
+        settings["precision"] = precision
+    autocast(device, precision)  # a bad precision fails here, before the slow part
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
@@ -131,14 +205,23 @@ def finetune_lm_expert(
     steps = epochs * -(-len(train) // batch_size)
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     order = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
     val = jsonl_rows(task_dir / "val.jsonl")[:val_rows] if patience is not None else []
     val_scores: list[float] = []
     best: dict[str, torch.Tensor] | None = None
+    identity, state_file = run_identity(base, task_dir, settings), epoch_state_file(out_dir)
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "order": order}
+    state = load_epoch_state(state_file, identity, parts, device)
+    done, seconds = (state["epochs_done"], state["seconds"]) if state else (0, 0.0)
+    if state:
+        val_scores, best = state["val_scores"], state["best"] or None
+        print(f"fine-tuning LM expert {out_dir.name}: resumed after epoch {done} ({state_file})", flush=True)
+    start = time.perf_counter() - seconds
+    last = done if patience is not None and done and _stale(val_scores, patience) else epochs
     model.train()
+    per_epoch = -(-len(train) // batch_size)
     desc = f"fine-tuning LM expert {out_dir.name}"
-    with tqdm(total=steps, desc=desc, disable=not show_progress) as bar:
-        for _ in range(epochs):
+    with tqdm(total=steps, initial=done * per_epoch, desc=desc, disable=not show_progress) as bar:
+        for epoch in range(done, last):
             perm = torch.randperm(len(train), generator=order).tolist()
             for i in range(0, len(perm), batch_size):
                 chunk = [train[j] for j in perm[i : i + batch_size]]
@@ -152,26 +235,28 @@ def finetune_lm_expert(
                 width = batch["input_ids"].shape[1]
                 for row, (p, f) in enumerate(zip(prompts, full, strict=True)):
                     labels[row, : width - (len(f) - len(p))] = -100  # pads and prompt: no loss
-                optimizer_step(model(**batch, labels=labels).loss, optimizer, schedule, bar)
-            if patience is None:
-                continue
-            val_scores.append(answer_accuracy(model, tokenizer, task, val, max_length))
-            model.train()
-            if val_scores.index(max(val_scores)) == len(val_scores) - 1:  # a new best (ties: the first)
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif len(val_scores) - 1 - val_scores.index(max(val_scores)) >= patience:
+                with autocast(device, precision):
+                    loss = model(**batch, labels=labels).loss
+                optimizer_step(loss, optimizer, schedule, bar)
+            if patience is not None:
+                val_scores.append(answer_accuracy(model, tokenizer, task, val, max_length, precision))
+                model.train()
+                if val_scores.index(max(val_scores)) == len(val_scores) - 1:  # a new best (ties: the first)
+                    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            kept = {**parts, "val_scores": val_scores, "best": best or {}}
+            save_epoch_state(state_file, identity, epoch + 1, time.perf_counter() - start, kept)
+            if patience is not None and _stale(val_scores, patience):
                 break
     if best is not None:
         model.load_state_dict(best)
     seconds = time.perf_counter() - start
     score = answer_accuracy(
-        model, tokenizer, task, jsonl_rows(task_dir / "test.jsonl")[:test_rows], max_length
+        model, tokenizer, task, jsonl_rows(task_dir / "test.jsonl")[:test_rows], max_length, precision
     )
     summary = {
         "task": out_dir.name,
         # what the expert is a function of (the quality benchmark keys its records on it)
-        "settings": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length,
-                     "seed": seed, "patience": patience, "val_rows": val_rows},  # fmt: skip
+        "settings": settings,
         f"eval_accuracy_first_{test_rows}": score,
         "train_rows": len(train),
         "epochs": epochs,
@@ -187,7 +272,13 @@ def finetune_lm_expert(
         )
     model.to("cpu")
     save_expert(model, AutoTokenizer.from_pretrained(base), summary, out_dir)  # the base's padding sides
+    state_file.unlink(missing_ok=True)
     return summary
+
+
+def _stale(val_scores: list[float], patience: int) -> bool:
+    """``patience`` epochs since the best val score: early stopping."""
+    return len(val_scores) - 1 - val_scores.index(max(val_scores)) >= patience
 
 
 class DemoLMDataModule(DemoDataModule):
