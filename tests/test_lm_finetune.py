@@ -72,6 +72,7 @@ def test_a_killed_fine_tuning_resumes_after_its_last_epoch_and_ends_as_an_unbrok
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6)
     assert not lm.epoch_state_file(out).exists()  # a finished expert keeps no state
+    assert lm.finetune_lm_expert(base, spec, folder, out, **SETTINGS) == resumed  # reused, as trained
 
 
 def test_a_state_saved_with_other_settings_is_not_resumed(lm_task, tmp_path: Path, monkeypatch, capsys):
@@ -82,6 +83,9 @@ def test_a_state_saved_with_other_settings_is_not_resumed(lm_task, tmp_path: Pat
     other = lm.finetune_lm_expert(base, spec, folder, out, **{**SETTINGS, "lr": 1e-3})
     assert "resumed" not in capsys.readouterr().out
     assert other["epochs_run"] == 3 and other["settings"]["lr"] == 1e-3
+    # a finished expert is reused only for its own settings: asked for others, it is trained again
+    again = lm.finetune_lm_expert(base, spec, folder, out, **SETTINGS)
+    assert again["settings"]["lr"] == SETTINGS["lr"] and again["val_accuracy_per_epoch"] != []
 
 
 def test_bf16_mixed_fine_tuning_runs_its_matmuls_in_bfloat16_and_keeps_float32_weights(

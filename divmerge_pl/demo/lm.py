@@ -180,18 +180,20 @@ def finetune_lm_expert(
 
     With ``patience``, up to ``epochs`` epochs with early stopping on the greedy accuracy of the
     first ``val_rows`` rows of ``val.jsonl``: the best epoch's weights are kept (converged
-    experts, as a user would train them); without it, exactly ``epochs`` epochs.
+    experts, as a user would train them); without it, exactly ``epochs`` epochs. Reused when
+    ``out_dir`` holds an expert trained with the same settings.
 
     The state after each epoch (weights, optimiser, schedule, random streams, val scores) is kept
     in ``epoch_state_file(out_dir)`` (loaded without pickle code): a run killed mid-way (an
     expert is hours on CPUs, longer than a session) goes on from its last finished epoch and ends
     with the weights of an unbroken run."""
-    if (out_dir / "finetune.json").is_file():
-        return json.loads((out_dir / "finetune.json").read_text())
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length,
                 "seed": seed, "patience": patience, "val_rows": val_rows}  # fmt: skip
     if precision != "32-true":  # float32 experts keep the recipe (and records) they had
         settings["precision"] = precision
+    done = out_dir / "finetune.json"
+    if done.is_file() and (summary := json.loads(done.read_text())).get("settings") == settings:
+        return summary  # an expert trained with other settings is trained again, as asked
     autocast(device, precision)  # a bad precision fails here, before the slow part
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
