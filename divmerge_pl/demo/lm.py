@@ -120,7 +120,7 @@ def run_identity(base: Path, task_dir: Path, settings: dict) -> dict:
     files = [task_dir / "train.jsonl", task_dir / "val.jsonl", base / "config.json"]
     return {
         "settings": settings,
-        "files": {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
+        "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
     }
 
 
@@ -191,8 +191,8 @@ def finetune_lm_expert(
                 "seed": seed, "patience": patience, "val_rows": val_rows}  # fmt: skip
     if precision != "32-true":  # float32 experts keep the recipe (and records) they had
         settings["precision"] = precision
-    done = out_dir / "finetune.json"
-    if done.is_file() and (summary := json.loads(done.read_text())).get("settings") == settings:
+    finished = out_dir / "finetune.json"
+    if finished.is_file() and (summary := json.loads(finished.read_text())).get("settings") == settings:
         return summary  # an expert trained with other settings is trained again, as asked
     autocast(device, precision)  # a bad precision fails here, before the slow part
     torch.manual_seed(seed)
@@ -201,7 +201,6 @@ def finetune_lm_expert(
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     model.get_input_embeddings().weight.requires_grad_(False)
     train = jsonl_rows(task_dir / "train.jsonl")
-    answers = {w: tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in task.label_words}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = epochs * -(-len(train) // batch_size)
@@ -227,16 +226,8 @@ def finetune_lm_expert(
             perm = torch.randperm(len(train), generator=order).tolist()
             for i in range(0, len(perm), batch_size):
                 chunk = [train[j] for j in perm[i : i + batch_size]]
-                prompts = _prompt_ids(tokenizer, task, chunk, max_length)
-                full = [
-                    p + answers[task.label_words[r["label"]]] + [tokenizer.eos_token_id]
-                    for p, r in zip(prompts, chunk, strict=True)
-                ]
-                batch = tokenizer.pad({"input_ids": full}, return_tensors="pt").to(device)
-                labels = batch["input_ids"].clone()
-                width = batch["input_ids"].shape[1]
-                for row, (p, f) in enumerate(zip(prompts, full, strict=True)):
-                    labels[row, : width - (len(f) - len(p))] = -100  # pads and prompt: no loss
+                batch, labels = _answer_batch(tokenizer, task, chunk, max_length)
+                batch, labels = batch.to(device), labels.to(device)
                 with autocast(device, precision):
                     loss = model(**batch, labels=labels).loss
                 optimizer_step(loss, optimizer, schedule, bar)
@@ -276,6 +267,23 @@ def finetune_lm_expert(
     save_expert(model, AutoTokenizer.from_pretrained(base), summary, out_dir)  # the base's padding sides
     state_file.unlink(missing_ok=True)
     return summary
+
+
+def _answer_batch(tokenizer, task: TaskSpec, rows: list[dict], max_length: int):
+    """Prompts followed by their label word and EOS, left-padded; labels only on the answers."""
+    prompts = _prompt_ids(tokenizer, task, rows, max_length)
+    full = [
+        p
+        + tokenizer(f" {task.label_words[r['label']]}", add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+        for p, r in zip(prompts, rows, strict=True)
+    ]
+    batch = tokenizer.pad({"input_ids": full}, return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    width = labels.shape[1]
+    for row, (p, f) in enumerate(zip(prompts, full, strict=True)):
+        labels[row, : width - (len(f) - len(p))] = -100  # pads and prompt: no loss
+    return batch, labels
 
 
 def _stale(val_scores: list[float], patience: int) -> bool:
