@@ -61,6 +61,12 @@ class RougeF1(ROUGEScore):
         super().__init__(rouge_keys=(key,), **kwargs)
         self.key = key
 
+    def update(self, preds: Any, target: Any) -> None:
+        """One reference per answer, however the references come: torchmetrics reads only a
+        ``list`` of strings so; any other sequence (a tuple, a ``datasets`` column) it reads as
+        lists of references, each string's characters, and the score falls to ~0."""
+        super().update(list(preds), list(target))
+
     def compute(self) -> Tensor:
         return super().compute()[f"{self.key}_fmeasure"]
 

@@ -35,7 +35,7 @@ def lm_task(tmp_path: Path) -> tuple[Path, TaskSpec, Path]:
 
 def kill_in_the_second_epoch(base: Path, spec: TaskSpec, folder: Path, out: Path, monkeypatch) -> None:
     """A fine-tuning killed while scoring epoch 2: epoch 1's state is on disk, epoch 2's is not."""
-    scored = lm.answer_accuracy
+    scored = lm.answer_score
     calls = []
 
     def killed(*args, **kwargs):
@@ -44,11 +44,11 @@ def kill_in_the_second_epoch(base: Path, spec: TaskSpec, folder: Path, out: Path
             raise KeyboardInterrupt
         return scored(*args, **kwargs)
 
-    monkeypatch.setattr(lm, "answer_accuracy", killed)
+    monkeypatch.setattr(lm, "answer_score", killed)
     with pytest.raises(KeyboardInterrupt):
         lm.finetune_lm_expert(base, spec, folder, out, **SETTINGS)
     assert lm.epoch_state_file(out).is_file() and not out.exists()
-    monkeypatch.setattr(lm, "answer_accuracy", scored)
+    monkeypatch.setattr(lm, "answer_score", scored)
 
 
 def test_a_killed_fine_tuning_resumes_after_its_last_epoch_and_ends_as_an_unbroken_one(

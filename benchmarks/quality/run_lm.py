@@ -32,11 +32,16 @@ import run as encoder_arm  # noqa: E402  (the shared grid, records and tables)
 
 from divmerge_pl.demo.lm import finetune_lm_expert, prepare_lm_base  # noqa: E402
 from divmerge_pl.demo.tasks import prepare_task  # noqa: E402
+from divmerge_pl.metrics import build_answer_metric  # noqa: E402
 from divmerge_pl.tasks import TaskSpec  # noqa: E402
 
 OUT = HERE / "lm"
-DEFAULT_TASKS = encoder_arm.DEFAULT_TASKS  # the same candidates, in the same order
+# the free-generation task (headlines, scored by ROUGE-L), then the encoder arm's candidates in order
+DEFAULT_TASKS = "bbc_headline," + encoder_arm.DEFAULT_TASKS
+GENERATION_METRIC = "rougeL"
+LEAD_WORDS = 8  # a generation task's trivial answer: the input's first words (its "majority class")
 PROMPTS = {
+    "bbc_headline": "Article: {text}\nHeadline:",
     "bbc_news": "Article: {text}\nTopic:",
     "amazon_reviews": "Review: {text}\nSentiment:",
     "trump_tweets": "Tweet: {text}\nPosted from:",
@@ -57,17 +62,20 @@ LM_METHODS = (
 )
 
 
-def label_words(folder: Path) -> list[str]:
+def label_words(folder: Path) -> list[str] | None:
     """Each class's own name (``labels.json``, in class-id order), lower-cased: the words the
-    experts learn to answer."""
+    experts learn to answer; None for a free-generation task (its rows hold reference answers)."""
+    if not (folder / "labels.json").is_file():
+        return None
     words = [str(w).lower().replace("_", " ") for w in json.loads((folder / "labels.json").read_text())]
     if len(set(words)) != len(words):
         raise ValueError(f"{folder.name}: classes {words} do not give distinct label words")
     return words
 
 
-def task_spec(args, task: str, words: list[str]) -> dict:
+def task_spec(args, task: str, words: list[str] | None) -> dict:
     root = Path(args.root).expanduser()
+    answers = {"label_words": words} if words is not None else {"metric": GENERATION_METRIC}
     return {
         "name": task,
         # unlabelled merge prompts: the val split, which no expert trained on
@@ -76,7 +84,7 @@ def task_spec(args, task: str, words: list[str]) -> dict:
         "val_samples": args.val_samples,
         "eval_files": str(root / "data" / task / "test.jsonl"),
         "prompt": PROMPTS.get(task, GENERIC_PROMPT),
-        "label_words": words,
+        **answers,
     }
 
 
@@ -95,15 +103,26 @@ def prepare_lm_experts(args, tasks: list[str]) -> tuple[Path, dict[str, Path], d
             base, spec, folder, expert, epochs=args.finetune_epochs, batch_size=8,
             lr=args.finetune_lr, max_length=args.max_length, seed=args.seed, patience=args.patience,
             val_rows=args.val_samples, test_rows=args.test_size, show_progress=False, device=args.device,
-            precision=args.precision,
+            precision=args.precision, max_new_tokens=4 if args.words[task] else args.max_new_tokens,
         )  # fmt: skip
         s["eval_accuracy"] = s.pop(f"eval_accuracy_first_{args.test_size}", s.get("eval_accuracy"))
-        labels = [json.loads(line)["label"] for line in (folder / "test.jsonl").read_text().splitlines()]
-        s["majority_rate"] = max(labels.count(c) for c in set(labels)) / len(labels)
+        test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+        s["majority_rate"] = trivial_score(test, args.words[task])
         return expert, s
 
     experts, summaries = encoder_arm.screen_experts(args, tasks, training_settings(args), train)
     return base, experts, summaries
+
+
+def trivial_score(rows: list[dict], words: list[str] | None) -> float:
+    """What an expert must beat to enter: the majority class's rate, or for free generation the
+    ROUGE-L of answering each input's first ``LEAD_WORDS`` words (the "lead" baseline)."""
+    if words is not None:
+        labels = [r["label"] for r in rows]
+        return max(labels.count(c) for c in set(labels)) / len(labels)
+    metric = build_answer_metric(GENERATION_METRIC)
+    metric.update([" ".join(r["text"].split()[:LEAD_WORDS]) for r in rows], [r["label"] for r in rows])
+    return float(metric.compute())
 
 
 def training_settings(args) -> dict:
@@ -133,11 +152,13 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
 def main(argv: list[str] | None = None) -> dict:
     parser = encoder_arm.build_parser(__doc__)
     parser.set_defaults(
-        tasks=DEFAULT_TASKS, num_tasks=5, root="~/.cache/divmerge_pl/quality_lm", out=str(OUT),
+        tasks=DEFAULT_TASKS, num_tasks=6, root="~/.cache/divmerge_pl/quality_lm", out=str(OUT),
         records=str(OUT / "records"), train_size=1000, val_size=400, test_size=200, finetune_epochs=6,
         finetune_lr=5e-5, patience=1, max_length=96, sweep="", reported="", methods=LM_METHODS,
     )  # fmt: skip
-    parser.add_argument("--max_new_tokens", type=int, default=4, help="longest greedy answer")
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=24, help="longest greedy answer (label words stop at EOS)"
+    )
     parser.add_argument(
         "--precision",
         default="bf16-mixed",

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedul
 
 from ..answers import generate_answers
 from ..atomic import atomic_file, atomic_folder
-from ..metrics import normalize_answer
+from ..metrics import build_answer_metric
 from ..tasks import TaskSpec
 from .datamodule import DemoDataModule
 from .packages import fetch_distribution
@@ -83,13 +83,25 @@ def autocast(device: str | torch.device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
+def answer_text(task: TaskSpec, row: dict) -> str:
+    """What the expert learns to answer: the row's label word, or (free generation) its reference."""
+    return str(row["label"]) if task.label_words is None else task.label_words[row["label"]]
+
+
 @torch.no_grad()
-def answer_accuracy(
-    model, tokenizer, task: TaskSpec, rows: list[dict], max_length: int, precision: str = "32-true"
+def answer_score(
+    model,
+    tokenizer,
+    task: TaskSpec,
+    rows: list[dict],
+    max_length: int,
+    precision: str = "32-true",
+    max_new_tokens: int = 4,
 ) -> float:
-    """Greedy label-word accuracy, as DivMergeModule scores it."""
+    """Greedy answers scored as DivMergeModule scores them: label-word accuracy, or the task's
+    metric (ROUGE...) against the reference for free generation."""
     model.eval()
-    correct = 0
+    metric = build_answer_metric("accuracy" if task.label_words is not None else task.metric)
     for start in range(0, len(rows), 32):
         chunk = rows[start : start + 32]
         batch = tokenizer.pad(
@@ -100,13 +112,14 @@ def answer_accuracy(
                 model,
                 batch["input_ids"],
                 batch["attention_mask"],
-                4,
+                max_new_tokens,
                 tokenizer.eos_token_id,
                 tokenizer.pad_token_id,
             )
-        for text, row in zip(tokenizer.batch_decode(answers, skip_special_tokens=True), chunk, strict=True):
-            correct += normalize_answer(text) == normalize_answer(task.label_words[row["label"]])
-    return correct / len(rows)
+        metric.update(
+            tokenizer.batch_decode(answers, skip_special_tokens=True), [answer_text(task, r) for r in chunk]
+        )
+    return float(metric.compute())
 
 
 def epoch_state_file(out_dir: Path) -> Path:
@@ -174,6 +187,7 @@ def finetune_lm_expert(
     show_progress: bool = True,
     device: str = "cpu",
     precision: str = "32-true",
+    max_new_tokens: int = 4,
 ) -> dict:
     """Fine-tune ``base`` to answer ``prompt`` with the row's label word and EOS (loss on the
     answer only; embeddings, and the LM head tied to them, frozen); save to ``out_dir``.
@@ -189,8 +203,11 @@ def finetune_lm_expert(
     with the weights of an unbroken run."""
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length,
                 "seed": seed, "patience": patience, "val_rows": val_rows}  # fmt: skip
-    if precision != "32-true":  # float32 experts keep the recipe (and records) they had
+    # only where they differ from the first defaults: experts made before keep their recipe (and records)
+    if precision != "32-true":
         settings["precision"] = precision
+    if max_new_tokens != 4:
+        settings["max_new_tokens"] = max_new_tokens
     finished = out_dir / "finetune.json"
     if finished.is_file() and (summary := json.loads(finished.read_text())).get("settings") == settings:
         return summary  # an expert trained with other settings is trained again, as asked
@@ -232,7 +249,9 @@ def finetune_lm_expert(
                     loss = model(**batch, labels=labels).loss
                 optimizer_step(loss, optimizer, schedule, bar)
             if patience is not None:
-                val_scores.append(answer_accuracy(model, tokenizer, task, val, max_length, precision))
+                val_scores.append(
+                    answer_score(model, tokenizer, task, val, max_length, precision, max_new_tokens)
+                )
                 model.train()
                 if val_scores.index(max(val_scores)) == len(val_scores) - 1:  # a new best (ties: the first)
                     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -243,14 +262,15 @@ def finetune_lm_expert(
     if best is not None:
         model.load_state_dict(best)
     seconds = time.perf_counter() - start
-    score = answer_accuracy(
-        model, tokenizer, task, jsonl_rows(task_dir / "test.jsonl")[:test_rows], max_length, precision
-    )
+    test = jsonl_rows(task_dir / "test.jsonl")[:test_rows]
+    score = answer_score(model, tokenizer, task, test, max_length, precision, max_new_tokens)
     summary = {
         "task": out_dir.name,
         # what the expert is a function of (the quality benchmark keys its records on it)
         "settings": settings,
+        # the task's metric (label-word accuracy; ROUGE... for free generation) on the first test rows
         f"eval_accuracy_first_{test_rows}": score,
+        "metric": "accuracy" if task.label_words is not None else task.metric,
         "train_rows": len(train),
         "epochs": epochs,
         "lr": lr,
@@ -270,11 +290,11 @@ def finetune_lm_expert(
 
 
 def _answer_batch(tokenizer, task: TaskSpec, rows: list[dict], max_length: int):
-    """Prompts followed by their label word and EOS, left-padded; labels only on the answers."""
+    """Prompts followed by their answer and EOS, left-padded; labels only on the answers."""
     prompts = _prompt_ids(tokenizer, task, rows, max_length)
     full = [
         p
-        + tokenizer(f" {task.label_words[r['label']]}", add_special_tokens=False)["input_ids"]
+        + tokenizer(f" {answer_text(task, r)}", add_special_tokens=False)["input_ids"]
         + [tokenizer.eos_token_id]
         for p, r in zip(prompts, rows, strict=True)
     ]

