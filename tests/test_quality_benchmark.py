@@ -226,7 +226,7 @@ def titled_bbc_archive(archives: Path) -> dict[str, str]:
     with zipfile.ZipFile(wheel_path, "w") as wheel:
         for name, body in articles.items():
             topic, number = name.split("/")[3], name.rsplit("/", 1)[1][:3]
-            titles[" ".join(body.split())] = f"{topic} news {number}"
+            titles[" ".join(body.split()[:60])] = f"{topic} news {number}"  # the lead: 60 words
             wheel.writestr(name, f"{topic} news {number}\n\n{body}\n")
     return titles
 
