@@ -270,3 +270,26 @@ def test_lm_arm_scores_a_free_generation_task_by_rouge(tmp_path: Path):
     (config_file,) = (root / "runs").glob("*/merge.yaml")
     tasks = {t["name"]: t for t in yaml.safe_load(config_file.read_text())["data"]["init_args"]["tasks"]}
     assert tasks["bbc_headline"]["metric"] == "rougeL" and "label_words" not in tasks["bbc_headline"]
+
+
+def test_experts_only_screens_then_stops_and_keeps_a_concurrent_screening(tmp_path: Path, monkeypatch):
+    bench = load_benchmark()
+    root, out, records = tmp_path / "cache", tmp_path / "out", tmp_path / "records"
+    fake_archives(root / "archives")
+    screening = records / "screening.json"
+    train = bench.finetune_expert
+
+    def beside_another_process(*args, **kwargs):  # which screens its own candidate meanwhile
+        bench.record_screening(screening, "trump_tweets", {"training": {}, "summary": {"entered": True}})
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "finetune_expert", beside_another_process)
+    argv = [
+        "--tasks", "bbc_news,amazon_reviews", "--num_tasks", "2", "--root", str(root), "--out", str(out),
+        "--records", str(records), "--train_size", "40", "--val_size", "24", "--test_size", "16",
+        "--max_length", "16", "--finetune_epochs", "1", "--min_margin", "-1", "--experts_only",
+    ]  # fmt: skip
+    results = bench.main(argv)
+    assert set(results["experts"]) == {"bbc_news", "amazon_reviews"}
+    assert not out.exists() and not (root / "runs").exists()  # no grid ran
+    assert set(json.loads(screening.read_text())) == {"bbc_news", "amazon_reviews", "trump_tweets"}

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from divmerge_pl.atomic import atomic_file
 from divmerge_pl.commands import run_method, shared_datamodule
 from divmerge_pl.demo.tasks import prepare_base, prepare_task
 from divmerge_pl.demo.training import finetune_expert
@@ -123,10 +124,17 @@ def screen_experts(args, tasks: list[str], settings: dict, train) -> tuple[dict[
             flush=True,
         )
         summaries[task] = s
-        screened[task] = {"training": settings, "summary": s}
-        screening_file.parent.mkdir(parents=True, exist_ok=True)
-        screening_file.write_text(json.dumps(screened, indent=2, sort_keys=True) + "\n")
+        record_screening(screening_file, task, {"training": settings, "summary": s})
     return {t: p for t, p in experts.items() if summaries[t]["entered"]}, summaries
+
+
+def record_screening(path: Path, task: str, entry: dict) -> None:
+    """Add one task's screening to ``path``, read again just before: another process screening
+    other candidates into the same records (``--experts_only``) keeps its entries."""
+    screened = json.loads(path.read_text()) if path.is_file() else {}
+    screened[task] = entry
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(screened, indent=2, sort_keys=True) + "\n")
 
 
 def training_settings(args: argparse.Namespace) -> dict:
@@ -395,6 +403,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="first 3 tasks, 1 subset per k, no sweep")
     parser.add_argument(
+        "--experts_only",
+        action="store_true",
+        help="screen (fine-tune) the experts, then stop: e.g. a second process fine-tuning later "
+        "candidates (--tasks) into the same --root and --records while the first trains the first ones",
+    )
+    parser.add_argument(
         "--tabulate",
         action="store_true",
         help="run nothing: results from the records as they stand (a stopped run's hold what it reached)",
@@ -429,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     base, experts, summaries = prepare_experts(args, tasks)
     print(f"experts ready in {time.perf_counter() - start:.0f} s: {list(experts)}", flush=True)
+    if args.experts_only:
+        return {"experts": summaries}
     return run_grid(args, base, experts, summaries)
 
 

@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     base, experts, summaries = prepare_lm_experts(args, tasks)
     print(f"LM experts ready in {time.perf_counter() - start:.0f} s: {list(experts)}", flush=True)
+    if args.experts_only:
+        return {"experts": summaries}
     ks = list(range(2, min(len(experts), 5) + 1))
     return encoder_arm.run_grid(args, base, experts, summaries, writer=write_config, ks=ks)
 
