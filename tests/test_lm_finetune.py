@@ -62,7 +62,9 @@ def test_a_killed_fine_tuning_resumes_after_its_last_epoch_and_ends_as_an_unbrok
 
     capsys.readouterr()
     resumed = lm.finetune_lm_expert(base, spec, folder, out, **SETTINGS)
-    assert "resumed after epoch 1" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "resumed after epoch 1" in log and "epoch 1 of 3" not in log  # epoch 1 is not run again
+    assert "epoch 3 of 3, val" in log  # a background run's log says where it stands
     assert resumed["val_accuracy_per_epoch"] == unbroken["val_accuracy_per_epoch"]
     assert resumed["eval_accuracy_first_16"] == unbroken["eval_accuracy_first_16"]
     ours, theirs = (

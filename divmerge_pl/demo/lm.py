@@ -257,6 +257,10 @@ def finetune_lm_expert(
                     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             kept = {**parts, "val_scores": val_scores, "best": best or {}}
             save_epoch_state(state_file, identity, epoch + 1, time.perf_counter() - start, kept)
+            if not show_progress:  # a background run's log still says where it stands, once an epoch
+                scored = f", val {val_scores[-1]:.3f}" if val_scores else ""
+                elapsed = time.perf_counter() - start
+                print(f"{desc}: epoch {epoch + 1} of {epochs}{scored} ({elapsed:.0f} s)", flush=True)
             if patience is not None and _stale(val_scores, patience):
                 break
     if best is not None:
