@@ -189,11 +189,13 @@ def finetune_lm_expert(
     precision: str = "32-true",
     max_new_tokens: int = 4,
 ) -> dict:
-    """Fine-tune ``base`` to answer ``prompt`` with the row's label word and EOS (loss on the
-    answer only; embeddings, and the LM head tied to them, frozen); save to ``out_dir``.
+    """Fine-tune ``base`` to answer ``prompt`` with the row's label word (or, for free
+    generation, its reference text) and EOS (loss on the answer only; embeddings, and the LM head
+    tied to them, frozen); save to ``out_dir``.
 
-    With ``patience``, up to ``epochs`` epochs with early stopping on the greedy accuracy of the
-    first ``val_rows`` rows of ``val.jsonl``: the best epoch's weights are kept (converged
+    With ``patience``, up to ``epochs`` epochs with early stopping on the greedy score
+    (``answer_score``, answers of at most ``max_new_tokens``) of the first ``val_rows`` rows of
+    ``val.jsonl``: the best epoch's weights are kept (converged
     experts, as a user would train them); without it, exactly ``epochs`` epochs. Reused when
     ``out_dir`` holds an expert trained with the same settings.
 
