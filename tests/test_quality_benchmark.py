@@ -14,11 +14,17 @@ from .lm_setup import make_lm
 from .test_demo import fake_archives
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality_run", Path("benchmarks/quality/run.py"))
+def load_benchmark(script: str = "run.py"):
+    spec = importlib.util.spec_from_file_location(
+        f"quality_{script[:-3]}", Path("benchmarks/quality") / script
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_lm_arm():
+    return load_benchmark("run_lm.py")
 
 
 def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypatch):
@@ -175,9 +181,7 @@ def test_subsets_are_all_pairs_then_a_seeded_sample():
 
 
 def test_lm_arm_quick_run_merges_label_word_experts(tmp_path: Path):
-    spec = importlib.util.spec_from_file_location("quality_run_lm", Path("benchmarks/quality/run_lm.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_lm_arm()
     root, out = tmp_path / "cache", tmp_path / "out"
     fake_archives(root / "archives")
     make_lm(root / "models" / "base", "gpt2", seed=0)  # where the de-quantised SmolLM2 is cached
@@ -234,9 +238,7 @@ def titled_bbc_archive(archives: Path) -> dict[str, str]:
 def test_lm_arm_scores_a_free_generation_task_by_rouge(tmp_path: Path):
     from divmerge_pl.demo.tasks import TASKS, prepare_task
 
-    spec = importlib.util.spec_from_file_location("quality_run_lm", Path("benchmarks/quality/run_lm.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_lm_arm()
     root, out = tmp_path / "cache", tmp_path / "out"
     fake_archives(root / "archives")
     titles = titled_bbc_archive(root / "archives")
