@@ -222,7 +222,8 @@ def finetune_lm_expert(
     train = jsonl_rows(task_dir / "train.jsonl")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps = epochs * -(-len(train) // batch_size)
+    per_epoch = -(-len(train) // batch_size)
+    steps = epochs * per_epoch
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     order = torch.Generator().manual_seed(seed)
     val = jsonl_rows(task_dir / "val.jsonl")[:val_rows] if patience is not None else []
@@ -238,7 +239,6 @@ def finetune_lm_expert(
     start = time.perf_counter() - seconds
     last = done if patience is not None and done and _stale(val_scores, patience) else epochs
     model.train()
-    per_epoch = -(-len(train) // batch_size)
     desc = f"fine-tuning LM expert {out_dir.name}"
     with tqdm(total=steps, initial=done * per_epoch, desc=desc, disable=not show_progress) as bar:
         for epoch in range(done, last):
@@ -298,17 +298,13 @@ def finetune_lm_expert(
 def _answer_batch(tokenizer, task: TaskSpec, rows: list[dict], max_length: int):
     """Prompts followed by their answer and EOS, left-padded; labels only on the answers."""
     prompts = _prompt_ids(tokenizer, task, rows, max_length)
-    full = [
-        p
-        + tokenizer(f" {answer_text(task, r)}", add_special_tokens=False)["input_ids"]
-        + [tokenizer.eos_token_id]
-        for p, r in zip(prompts, rows, strict=True)
-    ]
+    answers = tokenizer([f" {answer_text(task, r)}" for r in rows], add_special_tokens=False)["input_ids"]
+    full = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
     batch = tokenizer.pad({"input_ids": full}, return_tensors="pt")
     labels = batch["input_ids"].clone()
     width = labels.shape[1]
-    for row, (p, f) in enumerate(zip(prompts, full, strict=True)):
-        labels[row, : width - (len(f) - len(p))] = -100  # pads and prompt: no loss
+    for row, answer in enumerate(answers):
+        labels[row, : width - len(answer) - 1] = -100  # pads and prompt: no loss (answer + EOS keep theirs)
     return batch, labels
 
 
