@@ -3,7 +3,7 @@
 Both take the same config as ``fit`` and a method of the registry (methods.py) with its own
 published settings. A training-free method is the module's ``static_method`` argument, applied
 to the loaded task vectors (its scale chosen on the labelled validation rows, if the tasks have
-``val_files``) and scored by ``trainer.validate``; a learned one is a ``fit`` with the method's
+``val_files``) and scored by ``trainer.test``; a learned one is a ``fit`` with the method's
 settings. Either way the outputs are written by the same ``MergedModelExport``, so every
 method's report comes from the same code.
 """
@@ -77,10 +77,10 @@ def run_method(
         cli.trainer.fit(cli.model, datamodule=datamodule or cli.datamodule)
         return _export_callback(cli.trainer).folder(cli.trainer)
     cli = build_run(after_configs(cli_args, static_args(chosen)))
-    model, trainer = cli.model, cli.trainer  # its settings are chosen on val_files as validation starts
+    model, trainer = cli.model, cli.trainer  # its settings are chosen on val_files as the test starts
     export = _export_callback(trainer)
     export.on_fit_start(trainer, model)  # an earlier run's outputs stop us before any work
-    trainer.validate(model, datamodule=datamodule or cli.datamodule)
+    trainer.test(model, datamodule=datamodule or cli.datamodule)  # the scored rows: the report's
     return export.export(trainer, model)
 
 

@@ -283,11 +283,19 @@ class MergeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    @property
+    def validation_rows(self) -> Dataset | None:
+        """What a validation epoch scores: the labelled validation rows (``val_files``) when the
+        tasks have them, so that a choice made on ``val/`` metrics (early stopping, the best
+        checkpoint) never sees the scored rows; else the scored rows, as ``test``."""
+        return self.tuning_rows if self.tuning_rows is not None else self.eval_rows
+
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.eval_rows is None else self.ordered_dataloader(self.eval_rows, shortest_first=True)
+        rows = self.validation_rows
+        return [] if rows is None else self.ordered_dataloader(rows, shortest_first=True)
 
     def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+        return [] if self.eval_rows is None else self.ordered_dataloader(self.eval_rows, shortest_first=True)
 
 
 def _with_row_ids(rows: Dataset) -> Dataset:

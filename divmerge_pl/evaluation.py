@@ -34,7 +34,8 @@ class Evaluation:
     def __init__(self, module: DivMergeModule) -> None:
         self.module = module  # its val_scores: the running epoch's (a submodule, so on its device)
         self.merged: dict[str, Tensor] | None = None  # the running epoch's merged tensors
-        self.last_merged_scores: tuple[int, dict[str, float]] | None = None  # (step, scores)
+        # the scored (eval) rows' scores of the last epoch that scored them: (step, scores)
+        self.last_merged_scores: tuple[int, dict[str, float]] | None = None
         self._tuning_expert_scores: dict[str, float] | None = None
 
     def _named(self, scores: TaskScores) -> dict[str, float]:
@@ -52,13 +53,19 @@ class Evaluation:
             )
 
     def end_epoch(self) -> None:
-        """Log each task's merged and expert score and the normalised average (``val/`` or
-        ``test/``), and remember the scores of this step."""
+        """Log each task's merged and expert score and the normalised average (``val/``: on the
+        labelled validation rows if any, against the experts' scores on those rows; ``test/``: on
+        the scored rows), and remember the scored rows' scores of this step."""
         module = self.module
         merged = self._named(module.val_scores)
         module.val_scores.reset()
         self.merged = None
-        report = merge_report(module, merged)
+        dm = module.merge_datamodule()
+        on_tuning_rows = not module.trainer.testing and dm.tuning_rows is not None
+        if on_tuning_rows:
+            report = build_report(self.tuning_expert_scores(), merged, dm.metrics, method_name(module))
+        else:
+            report = merge_report(module, merged)
         stage = "test" if module.trainer.testing else "val"
         for task, row in report["tasks"].items():
             module.log(f"{stage}/{task}/{row['metric']}", row["merged"])
@@ -66,7 +73,7 @@ class Evaluation:
             module.log(f"{stage}/{task}/normalized", row["normalized"])
         if report["tasks"]:
             module.log(f"{stage}/normalized", report["average"]["normalized"], prog_bar=True)
-        if not module.trainer.sanity_checking:
+        if not module.trainer.sanity_checking and not on_tuning_rows:
             self.last_merged_scores = (module.trainer.global_step, merged)
 
     # ---------------------------------------------------------------- reports on demand

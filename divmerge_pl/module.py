@@ -404,9 +404,9 @@ class DivMergeModule(L.LightningModule):
 
     def evaluate(self, split: Literal["eval", "tuning"] = "eval") -> dict:
         """The report at the current coefficients (this process only). ``eval``: the scored rows,
-        reusing the last validation when it was run at this very step. ``tuning``: the labelled
-        validation rows (``val_files``), merged against each expert on those same rows, where
-        training-free methods choose their settings."""
+        reusing the last validation or test epoch's scores when it scored them at this very step.
+        ``tuning``: the labelled validation rows (``val_files``), merged against each expert on
+        those same rows, where training-free methods choose their settings."""
         return self.evaluation.report(split)
 
     # ------------------------------------------------------------------ outputs

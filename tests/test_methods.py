@@ -128,6 +128,23 @@ def with_val_files(tiny, config, rows: int = 30):
     return config
 
 
+def test_validation_epochs_score_the_labelled_validation_rows_and_test_epochs_the_scored_ones(tmp_path):
+    tiny = build_setup(tmp_path, {"alpha": 3, "beta": 2}, scale=1.0)
+    config = with_val_files(tiny, write_config(tiny, tmp_path / "run", epochs=1))
+    cli = build_run(["--config", str(config)])
+    (validated,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    (tested,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    on_val, scored = cli.model.evaluate("tuning"), cli.model.evaluate("eval")
+    # val/: the merge against each expert on the val_files rows, where choices may be made
+    assert validated["val/normalized"] == pytest.approx(on_val["average"]["normalized"], abs=1e-6)
+    for task, row in on_val["tasks"].items():
+        assert validated[f"val/{task}/normalized"] == pytest.approx(row["normalized"], abs=1e-6)
+        assert validated[f"val/{task}/expert_accuracy"] == pytest.approx(row["expert"], abs=1e-6)
+    # test/ and the report: the scored rows, which no val/ metric has seen
+    assert tested["test/normalized"] == pytest.approx(scored["average"]["normalized"], abs=1e-6)
+    assert validated["val/normalized"] != pytest.approx(tested["test/normalized"], abs=1e-6)
+
+
 def test_scale_is_chosen_on_validation_rows_never_on_the_scored_ones(tmp_path):
     tiny = build_setup(tmp_path, {"alpha": 3, "beta": 2}, scale=1.0)  # far from the base: scale matters
     grid = [0.0, 0.5, 1.0]
