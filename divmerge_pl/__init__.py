@@ -1,7 +1,7 @@
 """DivMerge: merge fine-tuned experts by learning task-vector coefficients that keep the
 merged model's outputs close (Jensen-Shannon) to each expert's on that task's own inputs."""
 
-from .callbacks import CoefficientMonitor, MergedModelExport, MergeOnFitEnd
+from .callbacks import BestOnValidation, CoefficientMonitor, MergedModelExport, MergeOnFitEnd
 from .coefficients import CoefficientLayout, build_layout, initial_coefficients
 from .data import MergeDataModule
 from .divergences import OBJECTIVES, entropy, js_divergence, kl_divergence, masked_mean
@@ -14,6 +14,7 @@ from .tasks import TaskSpec
 __all__ = [
     "OBJECTIVES",
     "CoefficientLayout",
+    "BestOnValidation",
     "CoefficientMonitor",
     "DivMergeModule",
     "ExpertMismatchError",

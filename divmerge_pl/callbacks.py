@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import SaveConfigCallback
@@ -124,6 +125,73 @@ class CoefficientMonitor(L.Callback):
             png = save_figure(figure, folder / f"{name}.png")
             log_figure(loggers, name, figure, png, step)
             close_figure(figure)
+
+
+class BestOnValidation(L.Callback):
+    """End ``fit`` with the coefficients of its best validation epoch, not its last (as
+    transformers' ``load_best_model_at_end``), before the export writes them. The choice is made
+    on the labelled validation rows (``val_files``), which a validation epoch scores; without them
+    it would see the rows the report scores, so the callback refuses to run."""
+
+    def __init__(self, monitor: str = "val/normalized", mode: Literal["max", "min"] = "max") -> None:
+        """
+        Args:
+            monitor: the logged metric the best epoch has (``val/normalized``: the merge's mean
+                score relative to each expert's on the validation rows).
+            mode: ``max`` (a score) or ``min`` (a loss).
+        """
+        if mode not in ("max", "min"):
+            raise ValueError(f"BestOnValidation: mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.best: torch.Tensor | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module = _divmerge(pl_module, self)
+        if module.coefficients is None:
+            raise ValueError("BestOnValidation: a training-free method has no coefficients to choose")
+        if module.merge_datamodule().tuning_rows is None:
+            raise ValueError(
+                "BestOnValidation chooses an epoch on labelled validation rows: give every task "
+                "val_files (without them validation scores the rows the report scores)"
+            )
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            logged = sorted(trainer.callback_metrics)
+            raise KeyError(f"BestOnValidation: {self.monitor!r} was not logged; logged: {logged}")
+        score = float(trainer.callback_metrics[self.monitor])
+        best = self.best_score
+        if best is None or (score > best if self.mode == "max" else score < best):
+            self.best_score, self.best_step = score, trainer.global_step
+            self.best = _divmerge(pl_module, self).coefficients.detach().cpu().clone()
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.best is None:
+            rank_zero_info("BestOnValidation: no validation epoch ran; the last coefficients are kept")
+            return
+        why = {"monitor": self.monitor, "mode": self.mode, "score": self.best_score, "step": self.best_step}
+        _divmerge(pl_module, self).restore_coefficients(self.best, why)
+        rank_zero_info(
+            f"BestOnValidation: ending with the coefficients of step {self.best_step} "
+            f"({self.monitor} {self.best_score:.4f}; the run ended at step {trainer.global_step})"
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The best so far: a resumed run still ends with the best epoch of the whole run."""
+        return {"best_score": self.best_score, "best_step": self.best_step, "best": self.best}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score, self.best_step = state_dict["best_score"], state_dict["best_step"]
+        self.best = state_dict["best"]
 
 
 def print_coefficients(coefficients: dict, console: Console | None = None) -> None:

@@ -131,6 +131,7 @@ class DivMergeModule(L.LightningModule):
         # the training-free merge at its current settings (choose_settings may replace them)
         self.static_merge: StaticMerge | None = None if static_method is None else static_method.build()
         self.selection: dict[str, Any] | None = None  # how static_merge's settings were chosen
+        self.restored: dict[str, Any] | None = None  # see restore_coefficients
         self.frozen: FrozenExperts | None = None
         self.kind: TaskKind | None = None  # classification or causal LM, chosen once the experts load
         self.teachers: Teachers | None = None  # built at the start of fit / validate / test
@@ -218,6 +219,14 @@ class DivMergeModule(L.LightningModule):
         each setting of the training-free method; scores of an earlier merge are forgotten."""
         self.static_merge = merge
         self.fixed_delta = self.frozen.fixed_merge(merge)
+        self.evaluation.last_merged_scores = None
+
+    @torch.no_grad()
+    def restore_coefficients(self, values: Tensor, why: dict[str, Any]) -> None:
+        """End with ``values``, the coefficients of an earlier step (``why``: which and how it was
+        chosen, reported in ``report.json``); scores of the current ones are forgotten."""
+        self.coefficients.copy_(values.to(self.coefficients.device, self.coefficients.dtype))
+        self.restored = why
         self.evaluation.last_merged_scores = None
 
     # ------------------------------------------------------------------ teachers

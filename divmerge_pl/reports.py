@@ -37,6 +37,8 @@ def method_settings(module: DivMergeModule) -> dict[str, Any]:
             batch_size=dm.batch_size,
             inputs_per_task={t.name: t.num_samples for t in dm.tasks},
         )
+    if module.restored is not None:
+        settings["restored"] = module.restored
     return settings
 
 
