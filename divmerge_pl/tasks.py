@@ -32,7 +32,8 @@ class TaskSpec:
     """Labelled rows for the report, taken as ``train_files`` are; without them the task gets no score."""
     val_files: str | list[str] | dict[str, str | None] | None = None
     """Labelled validation rows, apart from ``eval_files``: where training-free methods choose
-    their scale (and TIES its density). Never used by a learned merge, never scored."""
+    their scale (and TIES its density), and what validation epochs score (``val/`` metrics, on
+    which ``BestOnValidation`` may choose an epoch). Never in the objective, never in the report."""
     text_fields: list[str] = field(default_factory=lambda: ["text"])
     """One field, or two for pairs (premise / hypothesis)."""
     label_field: str | None = "label"
