@@ -295,3 +295,18 @@ def test_experts_only_screens_then_stops_and_keeps_a_concurrent_screening(tmp_pa
     assert set(results["experts"]) == {"bbc_news", "amazon_reviews"}
     assert not out.exists() and not (root / "runs").exists()  # no grid ran
     assert set(json.loads(screening.read_text())) == {"bbc_news", "amazon_reviews", "trump_tweets"}
+
+
+def test_a_subset_config_is_replaced_at_once_never_rewritten_in_place(tmp_path: Path):
+    """Processes sharing the grid write the same subset's merge.yaml: one reading it while another
+    writes must read a whole file (a half-written one gave a record a wrong key)."""
+    bench = load_benchmark()
+    args = bench.build_parser("x").parse_args(["--root", str(tmp_path)])
+    experts, path = {"a": tmp_path / "ea", "b": tmp_path / "eb"}, tmp_path / "runs" / "a+b" / "merge.yaml"
+    bench.write_config(args, tmp_path / "base", experts, ["a", "b"], 200, path)
+    first = path.read_text()
+    with path.open() as reader:  # opened by one process as another rewrites the file
+        bench.write_config(args, tmp_path / "base", experts, ["a", "b"], 100, path)
+        assert reader.read() == first
+    tasks = yaml.safe_load(path.read_text())["data"]["init_args"]["tasks"]
+    assert [t["num_samples"] for t in tasks] == [100, 100]

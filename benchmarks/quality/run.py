@@ -206,9 +206,10 @@ def task_subsets(tasks: list[str], k: int, count: int, seed: int) -> list[tuple[
     return sorted(random.Random(seed * 1000 + k).sample(combos, count))
 
 
-def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int, path: Path) -> Path:
+def merge_config(args, base: Path, experts: dict[str, Path], subset, inputs: int) -> dict:
+    """One subset's merge config (the same for every method: each adds its own settings)."""
     root = Path(args.root).expanduser()
-    config = {
+    return {
         "seed_everything": args.seed,
         "model": {
             "class_path": "divmerge_pl.DivMergeModule",
@@ -249,9 +250,18 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
             "logger": False,
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
+
+
+def write_yaml(config: dict, path: Path) -> Path:
+    """Replace ``path`` at once: processes sharing the grid write the same subset's config, and
+    one must never read another's half-written file (a wrong record key, a failed run)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config))
     return path
+
+
+def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int, path: Path) -> Path:
+    return write_yaml(merge_config(args, base, experts, subset, inputs), path)
 
 
 def compare_subset(

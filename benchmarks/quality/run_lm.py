@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -138,16 +137,14 @@ def write_config(args, base: Path, experts: dict[str, Path], subset, inputs: int
     """The encoder arm's config, for LM experts: prompts and label words, greedy answers of at
     most ``--max_new_tokens`` tokens, the experts' top 64 tokens + rest in the divergence, and
     the trainer's ``--precision``."""
-    encoder_arm.write_config(args, base, experts, subset, inputs, path)
-    config = yaml.safe_load(path.read_text())
+    config = encoder_arm.merge_config(args, base, experts, subset, inputs)
     config["model"]["init_args"].update(max_new_tokens=args.max_new_tokens, top_k=64)
     config["trainer"]["precision"] = args.precision
     data = config["data"]["init_args"]
     data["batch_size"] = 4 * len(subset)
     data["eval_batch_size"] = 32
     data["tasks"] = [{**task_spec(args, t, args.words[t]), "num_samples": inputs} for t in subset]
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return encoder_arm.write_yaml(config, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
