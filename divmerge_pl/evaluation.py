@@ -62,10 +62,7 @@ class Evaluation:
         self.merged = None
         dm = module.merge_datamodule()
         on_tuning_rows = not module.trainer.testing and dm.tuning_rows is not None
-        if on_tuning_rows:
-            report = build_report(self.tuning_expert_scores(), merged, dm.metrics, method_name(module))
-        else:
-            report = merge_report(module, merged)
+        report = self.tuning_report(merged) if on_tuning_rows else merge_report(module, merged)
         stage = "test" if module.trainer.testing else "val"
         for task, row in report["tasks"].items():
             module.log(f"{stage}/{task}/{row['metric']}", row["merged"])
@@ -87,14 +84,18 @@ class Evaluation:
                 raise ValueError(
                     "no labelled validation rows: give every task val_files to choose settings on"
                 )
-            merged = self.merged_scores(dm.tuning_rows)
-            return build_report(self.tuning_expert_scores(), merged, dm.metrics, method_name(module))
+            return self.tuning_report(self.merged_scores(dm.tuning_rows))
         step = module.trainer.global_step
         if self.last_merged_scores is not None and self.last_merged_scores[0] == step:
             merged = self.last_merged_scores[1]
         else:
             merged = {} if dm.eval_rows is None else self.merged_scores(dm.eval_rows)
         return merge_report(module, merged)
+
+    def tuning_report(self, merged: dict[str, float]) -> dict:
+        """``merged``, scores on the labelled validation rows, against each expert's on them."""
+        dm = self.module.merge_datamodule()
+        return build_report(self.tuning_expert_scores(), merged, dm.metrics, method_name(self.module))
 
     def merged_scores(self, rows: Dataset) -> dict[str, float]:
         """The merged model's score on ``rows`` (this process only)."""
