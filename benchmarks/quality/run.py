@@ -356,7 +356,7 @@ def plot(summary: dict, methods: list[str], ks: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
     means = [cell["anp"] for m in methods for k in ks if (cell := summary["anp"][m][str(k)])]
     for i, method in enumerate(methods):
         measured = [k for k in ks if summary["anp"][method][str(k)]]
@@ -369,6 +369,8 @@ def plot(summary: dict, methods: list[str], ks: list[int], path: Path) -> None:
             marker="o",
             capsize=3,
             label=method,
+            color=plt.cm.tab20(i % 20),  # one colour per method (the default cycle repeats after 10)
+            linestyle="-" if method.startswith("divmerge") else "--",  # learned JS/KL merges solid
         )
     ax.set_xlabel("tasks merged (k)")
     ax.set_ylabel("ANP: merged / expert, % (95% CI over subsets)")
@@ -376,7 +378,7 @@ def plot(summary: dict, methods: list[str], ks: list[int], path: Path) -> None:
     ax.set_ylim(min(means) - 8, max(100.0, max(means)) + 3)
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
