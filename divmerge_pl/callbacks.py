@@ -152,7 +152,7 @@ class BestOnValidation(L.Callback):
         module = _divmerge(pl_module, self)
         if module.coefficients is None:
             raise ValueError("BestOnValidation: a training-free method has no coefficients to choose")
-        if module.merge_datamodule().tuning_rows is None:
+        if module.merge_datamodule().validation_split != "tuning":
             raise ValueError(
                 "BestOnValidation chooses an epoch on labelled validation rows: give every task "
                 "val_files (without them validation scores the rows the report scores)"

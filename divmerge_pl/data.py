@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -284,18 +284,21 @@ class MergeDataModule(L.LightningDataModule):
         )
 
     @property
-    def validation_rows(self) -> Dataset | None:
+    def validation_split(self) -> Literal["tuning", "eval"]:
         """What a validation epoch scores: the labelled validation rows (``val_files``) when the
         tasks have them, so that a choice made on ``val/`` metrics (early stopping, the best
-        checkpoint) never sees the scored rows; else the scored rows, as ``test``."""
-        return self.tuning_rows if self.tuning_rows is not None else self.eval_rows
+        epoch) never sees the scored rows; else the scored rows, as ``test``."""
+        return "tuning" if self.tuning_rows is not None else "eval"
 
-    def val_dataloader(self) -> DataLoader | list:
-        rows = self.validation_rows
+    def _scoring_dataloader(self, rows: Dataset | None) -> DataLoader | list:
         return [] if rows is None else self.ordered_dataloader(rows, shortest_first=True)
 
+    def val_dataloader(self) -> DataLoader | list:
+        on_tuning_rows = self.validation_split == "tuning"
+        return self._scoring_dataloader(self.tuning_rows if on_tuning_rows else self.eval_rows)
+
     def test_dataloader(self) -> DataLoader | list:
-        return [] if self.eval_rows is None else self.ordered_dataloader(self.eval_rows, shortest_first=True)
+        return self._scoring_dataloader(self.eval_rows)
 
 
 def _with_row_ids(rows: Dataset) -> Dataset:

@@ -61,7 +61,7 @@ class Evaluation:
         module.val_scores.reset()
         self.merged = None
         dm = module.merge_datamodule()
-        on_tuning_rows = not module.trainer.testing and dm.tuning_rows is not None
+        on_tuning_rows = not module.trainer.testing and dm.validation_split == "tuning"
         report = self.tuning_report(merged) if on_tuning_rows else merge_report(module, merged)
         stage = "test" if module.trainer.testing else "val"
         for task, row in report["tasks"].items():
