@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .lm_setup import make_lm
@@ -124,7 +126,9 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     shutil.rmtree(root / "runs")
     screening = json.loads((records / "screening.json").read_text())
     assert set(screening) == {"bbc_news", "amazon_reviews"}
-    screening["amazon_reviews"]["summary"]["entered"] = False
+    recorded = screening["amazon_reviews"]["summary"]
+    # recorded scores that fail the entry rule (--min_margin -1 here)
+    passed, recorded["eval_accuracy"] = recorded["eval_accuracy"], recorded["majority_rate"] - 1.5
     (records / "screening.json").write_text(json.dumps(screening))
     trained = []
     real_finetune = bench.finetune_expert
@@ -134,7 +138,7 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     with pytest.raises(SystemExit, match="passed the entry rule"):
         bench.main([*swept, "--tasks", "amazon_reviews,bbc_news"])
     assert trained == ["bbc_news"]
-    screening["amazon_reviews"]["summary"]["entered"] = True
+    recorded["eval_accuracy"] = passed
     (records / "screening.json").write_text(json.dumps(screening))
     bench.main(swept)
     assert calls == []
@@ -168,6 +172,13 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     data = root / "data" / "bbc_news" / "train.jsonl"
     data.write_text(data.read_text() + "\n")
     assert bench.run_key(args, config, models, "ties") != key
+
+
+def test_an_expert_exactly_the_margin_above_its_trivial_answer_enters():
+    bench, args = load_benchmark(), argparse.Namespace(min_margin=0.1)
+    at_margin = float(torch.tensor(140 / 200, dtype=torch.float32))  # 0.69999998..., as torchmetrics gives
+    assert bench.enters({"eval_accuracy": at_margin, "majority_rate": 0.6}, args)
+    assert not bench.enters({"eval_accuracy": 139 / 200, "majority_rate": 0.6}, args)
 
 
 def test_subsets_are_all_pairs_then_a_seeded_sample():

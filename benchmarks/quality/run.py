@@ -109,12 +109,13 @@ def screen_experts(args, tasks: list[str], settings: dict, train) -> tuple[dict[
         if len([t for t in summaries if summaries[t]["entered"]]) >= args.num_tasks:
             break
         recorded = screened.get(task)
-        if recorded is not None and recorded["training"] == settings and not recorded["summary"]["entered"]:
+        left_out = recorded is not None and not enters(recorded["summary"], args)
+        if left_out and recorded["training"] == settings:
             summaries[task] = {**recorded["summary"], "screening": "recorded"}
             print(f"expert {task}: left out by a recorded screening ({screening_file})", flush=True)
             continue
         experts[task], s = train(task)
-        s["entered"] = s["eval_accuracy"] >= s["majority_rate"] + args.min_margin
+        s["entered"] = enters(s, args)
         s["fingerprint"] = file_digest(experts[task] / "model.safetensors")
         top = f"mean top probability {s['mean_top_probability']:.3f}, " if "mean_top_probability" in s else ""
         print(
@@ -126,6 +127,13 @@ def screen_experts(args, tasks: list[str], settings: dict, train) -> tuple[dict[
         summaries[task] = s
         record_screening(screening_file, task, {"training": settings, "summary": s})
     return {t: p for t, p in experts.items() if summaries[t]["entered"]}, summaries
+
+
+def enters(summary: dict, args: argparse.Namespace) -> bool:
+    """The entry rule, read at the scores' resolution: 140 of 200 test rows is 0.69999998 in
+    float32 (torchmetrics) and is 0.1 above a majority rate of 0.6. The rule is applied to a
+    recorded screening's scores too, not to the verdict it stored."""
+    return summary["eval_accuracy"] >= summary["majority_rate"] + args.min_margin - 1e-6
 
 
 def record_screening(path: Path, task: str, entry: dict) -> None:
