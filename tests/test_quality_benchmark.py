@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -92,6 +93,12 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
     assert len(recorded) == len(methods)
     assert tabulated["method_seconds"] == pytest.approx(sum(recorded), abs=0.1)
     assert tabulated["method_seconds"] > tabulated["benchmark_seconds"]
+    # a subset the grid has not reached (no records) is left out of the tables, not a crash
+    (tmp_path / "early").mkdir()
+    shutil.copy(records / "screening.json", tmp_path / "early")
+    early = [*argv, "--records", str(tmp_path / "early"), "--out", str(tmp_path / "early_out"), "--tabulate"]
+    assert bench.main(early)["runs"] == []
+    assert "| divmerge_layer |" not in (tmp_path / "early_out" / "results.md").read_text()
     monkeypatch.setattr(bench, "run_method", unpatched)
 
     # merge inputs never overlap the rows the experts were fine-tuned on
@@ -121,8 +128,6 @@ def test_quick_benchmark_tabulates_anp_per_method_and_k(tmp_path: Path, monkeypa
 
     # the records are all a later session needs: with the scratch runs gone they are still reused,
     # and a recorded left-out candidate is not fine-tuned again
-    import shutil
-
     shutil.rmtree(root / "runs")
     screening = json.loads((records / "screening.json").read_text())
     assert set(screening) == {"bbc_news", "amazon_reviews"}

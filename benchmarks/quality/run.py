@@ -505,6 +505,8 @@ def run_grid(args, base: Path, experts: dict[str, Path], summaries: dict, writer
             name = "+".join(subset)
             print(f"k={k}: {name}", flush=True)
             comparison = compare_subset(args, base, experts, subset, methods, work / name, writer, reported)
+            if not comparison["methods"]:  # not reached yet (--tabulate before the grid got here)
+                continue
             results["runs"].append(
                 {
                     "k": k,
@@ -585,7 +587,8 @@ def write_results(out: Path, results: dict, methods: list[str], bench_start: flo
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_table(results, methods))
-    plot(results["summary"], methods, ks, out / "anp_vs_k.png")
+    if runs:
+        plot(results["summary"], methods, ks, out / "anp_vs_k.png")
 
 
 if __name__ == "__main__":
