@@ -111,7 +111,7 @@ def screen_experts(args, tasks: list[str], settings: dict, train) -> tuple[dict[
         recorded = screened.get(task)
         left_out = recorded is not None and not enters(recorded["summary"], args)
         if left_out and recorded["training"] == settings:
-            summaries[task] = {**recorded["summary"], "screening": "recorded"}
+            summaries[task] = {**recorded["summary"], "entered": False, "screening": "recorded"}
             print(f"expert {task}: left out by a recorded screening ({screening_file})", flush=True)
             continue
         experts[task], s = train(task)
